@@ -1,0 +1,27 @@
+VENV ?= .venv
+WHEELHOUSE ?= $(HOME)/.cache/mmvit3/wheels
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mmvit3-setup-done
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-fast demo clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml tools/setup_env.sh
+	bash tools/setup_env.sh $(VENV) $(WHEELHOUSE)
+	touch $@
+
+# The whole suite, end-to-end tool runs included.
+test: setup
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# Unit tests only (skips the end-to-end tool runs marked slow).
+test-fast: setup
+	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+
+demo: setup
+	bash tools/demo.sh $(PY)
+
+clean:
+	rm -rf $(VENV) work_dirs .pytest_cache

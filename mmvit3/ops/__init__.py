@@ -1,0 +1,7 @@
+from .ttt import (clip_by_norm, depthwise_grad, depthwise_ttt, rope_2d,
+                  swiglu_grads, swiglu_ttt)
+
+__all__ = [
+    'clip_by_norm', 'depthwise_grad', 'depthwise_ttt', 'rope_2d',
+    'swiglu_grads', 'swiglu_ttt'
+]

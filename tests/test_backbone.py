@@ -1,0 +1,125 @@
+"""HViT3 backbone: shapes, parameter counts, options and input errors."""
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from mmvit3.models import ARCH_SETTINGS, HViT3
+
+PUBLISHED_PARAMS_M = {'tiny': 28.19, 'small': 53.85, 'base': 93.73}
+
+
+def count_m(module: nn.Module) -> float:
+    return sum(p.numel() for p in module.parameters()) / 1e6
+
+
+@pytest.mark.parametrize('arch', ['tiny', 'small', 'base'])
+def test_published_parameter_counts(arch):
+    assert round(count_m(HViT3(arch)), 2) == PUBLISHED_PARAMS_M[arch]
+
+
+@pytest.mark.parametrize('arch', ['tiny', 'small', 'base'])
+@pytest.mark.parametrize('size', [(224, 224), (225, 317), (32, 32)])
+def test_output_shapes_and_strides(arch, size):
+    model = HViT3(arch, drop_path_rate=0.).eval()
+    height, width = size
+    with torch.no_grad():
+        outs = model(torch.randn(1, 3, height, width))
+    dims = ARCH_SETTINGS[arch]['dims']
+    assert len(outs) == 4
+    for i, out in enumerate(outs):
+        # stem pads to a multiple of 4, each downsample pads odd sides
+        expected_h, expected_w = -(-height // 4), -(-width // 4)
+        for _ in range(i):
+            expected_h, expected_w = -(-expected_h // 2), -(-expected_w // 2)
+        assert out.shape == (1, dims[i], expected_h, expected_w)
+        assert torch.isfinite(out).all()
+    assert [f['reduction'] for f in model.feature_info] == [4, 8, 16, 32]
+    assert model.out_channels == list(dims)
+
+
+def test_out_indices_subset_and_custom_arch():
+    model = HViT3(dict(dims=(32, 64), depths=(1, 1)), out_indices=(1, ))
+    (out, ) = model(torch.randn(2, 3, 64, 48))
+    assert out.shape == (2, 64, 8, 6)
+    assert not hasattr(model, 'norm0')
+
+
+def test_drop_path_rates_rise_linearly():
+    model = HViT3('tiny', drop_path_rate=0.3)
+    rates = [
+        block.drop_path.drop_prob for stage in model.layers
+        for block in stage.blocks
+    ]
+    assert rates[0] == 0 and rates[-1] == pytest.approx(0.3)
+    assert rates == pytest.approx(
+        torch.linspace(0, 0.3, sum(model.depths)).tolist())
+
+
+def test_with_cp_gives_same_gradients():
+    torch.manual_seed(0)
+    plain = HViT3('tiny', drop_path_rate=0.)
+    ckpt = HViT3('tiny', drop_path_rate=0., with_cp=True)
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    for model in (plain, ckpt):
+        sum(o.sum() for o in model(x)).backward()
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+def test_frozen_stages_and_norm_eval():
+    model = HViT3('tiny', frozen_stages=2, norm_eval=True)
+    model.train()
+    assert all(not p.requires_grad for p in model.patch_embed.parameters())
+    assert all(not p.requires_grad for p in model.layers[1].parameters())
+    assert all(not p.requires_grad for p in model.norm1.parameters())
+    assert all(p.requires_grad for p in model.layers[2].parameters())
+    assert not model.patch_embed.training
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns and not any(bn.training for bn in bns)
+    assert model.layers[2].blocks[0].training
+    assert model.train() is model
+
+
+@pytest.mark.parametrize(
+    'kwargs, message',
+    [(dict(arch='huge'), "Unknown H-ViT3 arch 'huge'"),
+     (dict(arch=dict(dims=(64, )), ), "keys 'dims' and 'depths'"),
+     (dict(arch=dict(dims=(60, ), depths=(1, ))), 'multiples of 32'),
+     (dict(out_indices=(0, 4)), r'must be in \[0, 3\]'),
+     (dict(pretrained_state='best'), "'model' or 'ema'")])
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        HViT3(**kwargs)
+
+
+def test_bad_inputs():
+    model = HViT3('tiny').eval()
+    with pytest.raises(ValueError, match=r'expects 3 input channels, got 1'):
+        model(torch.randn(1, 1, 32, 32))
+    with pytest.raises(ValueError, match=r'4-D image batch \(B, 3, H, W\)'):
+        model(torch.randn(3, 32, 32))
+    assert HViT3('tiny', in_channels=4).eval()(torch.randn(1, 4, 32, 32))
+
+
+def test_core_model_imports_without_toolboxes():
+    """torch + mmengine only: mmcv, mmdet and mmseg made unimportable."""
+    code = (
+        'import sys\n'
+        'class Block:\n'
+        '    def find_spec(self, name, path=None, target=None):\n'
+        "        if name.split('.')[0] in ('mmcv', 'mmdet', 'mmseg'):\n"
+        '            raise ImportError(name)\n'
+        'sys.meta_path.insert(0, Block())\n'
+        'import torch, mmvit3\n'
+        'from mmvit3.models import HViT3\n'
+        'assert mmvit3.REGISTERED_TOOLBOXES == []\n'
+        'print(HViT3("tiny").eval()(torch.randn(1, 3, 32, 32))[0].shape)\n')
+    result = subprocess.run([sys.executable, '-c', code],
+                            capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
+    assert 'torch.Size([1, 64, 8, 8])' in result.stdout
