@@ -290,6 +290,9 @@ class HViT3(BaseModule):
         pretrained_state: which state dict of an authors' ImageNet file
             ``init_cfg=dict(type='Pretrained', checkpoint=...)`` loads:
             'model' (default; always present) or 'ema' (``state_dict_ema``).
+        out_norms: LayerNorm each returned map (``norm{i}``), as dense
+            prediction needs; False returns the raw stage maps and builds no
+            such norms, like the ImageNet classifier.
         init_cfg: mmengine init config.
     """
 
@@ -302,6 +305,7 @@ class HViT3(BaseModule):
                  norm_eval: bool = False,
                  with_cp: bool = False,
                  pretrained_state: str = 'model',
+                 out_norms: bool = True,
                  init_cfg: Optional[Union[dict, List[dict]]] = None):
         super().__init__(init_cfg=init_cfg)
         settings = resolve_arch(arch)
@@ -324,6 +328,7 @@ class HViT3(BaseModule):
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
         self.pretrained_state = pretrained_state
+        self.out_norms = out_norms
 
         self.patch_embed = Stem(in_channels, self.dims[0])
         rates = torch.linspace(0, drop_path_rate, sum(self.depths)).tolist()
@@ -337,10 +342,14 @@ class HViT3(BaseModule):
                     rates[start:start + depth],
                     dim_out=self.dims[i + 1] if i + 1 < num_stages else None,
                     with_cp=with_cp))
-        for i in out_indices:
-            self.add_module(f'norm{i}', nn.LayerNorm(self.dims[i]))
+        if out_norms:
+            for i in out_indices:
+                self.add_module(f'norm{i}', nn.LayerNorm(self.dims[i]))
         self.feature_info = [
-            dict(num_chs=self.dims[i], reduction=4 * 2**i, module=f'norm{i}')
+            dict(
+                num_chs=self.dims[i],
+                reduction=4 * 2**i,
+                module=f'norm{i}' if out_norms else f'layers.{i}')
             for i in out_indices
         ]
         self.apply(self._init_linear)
@@ -378,7 +387,7 @@ class HViT3(BaseModule):
             yield self.patch_embed
         for i in range(self.frozen_stages):
             yield self.layers[i]
-            if i in self.out_indices:
+            if self.out_norms and i in self.out_indices:
                 yield getattr(self, f'norm{i}')
 
     def _freeze_stages(self):
@@ -414,10 +423,11 @@ class HViT3(BaseModule):
         for i, stage in enumerate(self.layers):
             feature, x = stage(x)
             if i in self.out_indices:
-                norm = getattr(self, f'norm{i}')
-                outs.append(
-                    norm(feature.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-                    .contiguous())
+                if self.out_norms:
+                    norm = getattr(self, f'norm{i}')
+                    feature = norm(feature.permute(0, 2, 3, 1)).permute(
+                        0, 3, 1, 2)
+                outs.append(feature.contiguous())
             if i == max(self.out_indices):
                 break
         return tuple(outs)
