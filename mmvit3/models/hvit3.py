@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from mmengine.model import BaseModule
 
-from ..ops import depthwise_ttt, rope_2d, swiglu_ttt
+from ..ops import depthwise_ttt, fast_ttt, rope_2d, swiglu_ttt
 
 HEAD_DIM = 32
 # Loss scale of both inner branches: 9 ** -0.5 (three taps per side).
@@ -135,9 +135,19 @@ class TTT(nn.Module):
     gradient step and are applied to the queries: a per-head simplified
     SwiGLU over all channels (with 2-D RoPE on q/k) and a 3x3 depthwise conv
     over a ``HEAD_DIM``-channel map.
+
+    Args:
+        dim: channels.
+        head_dim: channels per SwiGLU head and of the depthwise branch.
+        impl: ``'fast'`` (default): :func:`mmvit3.ops.fast_ttt`, one
+            memory-lean autograd function; ``'plain'``: the spec written out
+            in torch ops (:mod:`mmvit3.ops.ttt`), the reference the fast path
+            is tested against, and what FLOP counters trace.
     """
 
-    def __init__(self, dim: int, head_dim: int = HEAD_DIM):
+    IMPLS = ('fast', 'plain')
+
+    def __init__(self, dim: int, head_dim: int = HEAD_DIM, impl: str = 'fast'):
         super().__init__()
         if dim % head_dim:
             raise ValueError(
@@ -147,6 +157,7 @@ class TTT(nn.Module):
         self.head_dim = head_dim
         self.num_heads = dim // head_dim
         self.scale = INNER_LOSS_SCALE
+        self.impl = self._check_impl(impl)
         self.qkv = nn.Linear(dim, 3 * dim + 3 * head_dim)
         self.w1 = nn.Parameter(torch.empty(1, self.num_heads, head_dim, head_dim))
         self.w2 = nn.Parameter(torch.empty(1, self.num_heads, head_dim, head_dim))
@@ -155,9 +166,36 @@ class TTT(nn.Module):
         for weight in (self.w1, self.w2, self.w3):
             nn.init.trunc_normal_(weight, std=.02)
 
+    @classmethod
+    def _check_impl(cls, impl: str) -> str:
+        if impl not in cls.IMPLS:
+            raise ValueError(f'TTT impl must be one of {cls.IMPLS}, got '
+                             f'{impl!r}')
+        return impl
+
+    @classmethod
+    def set_impl(cls, model: nn.Module, impl: str) -> int:
+        """Switch every TTT layer in ``model`` to ``impl``; returns how many."""
+        cls._check_impl(impl)
+        layers = [m for m in model.modules() if isinstance(m, cls)]
+        for layer in layers:
+            layer.impl = impl
+        return len(layers)
+
+    def extra_repr(self):
+        return f'dim={self.dim}, heads={self.num_heads}, impl={self.impl!r}'
+
     def forward(self, x: torch.Tensor, height: int, width: int):
-        batch, num_tokens, _ = x.shape
-        q1, k1, v1, q2, k2, v2 = self.qkv(x).split(
+        qkv = self.qkv(x)
+        if self.impl == 'fast':
+            return self.proj(
+                fast_ttt(qkv, self.w1, self.w2, self.w3, self.num_heads,
+                         height, width, self.scale))
+        return self.proj(self._plain_inner_step(qkv, height, width))
+
+    def _plain_inner_step(self, qkv: torch.Tensor, height: int, width: int):
+        batch, num_tokens, _ = qkv.shape
+        q1, k1, v1, q2, k2, v2 = qkv.split(
             [self.dim] * 3 + [self.head_dim] * 3, dim=-1)
 
         def heads(t):
@@ -172,7 +210,7 @@ class TTT(nn.Module):
         out2 = depthwise_ttt(
             tokens_to_map(q2, height, width), tokens_to_map(k2, height, width),
             tokens_to_map(v2, height, width), self.w3, self.scale)
-        return self.proj(torch.cat([out1, map_to_tokens(out2)], dim=-1))
+        return torch.cat([out1, map_to_tokens(out2)], dim=-1)
 
 
 class DepthwiseConv(nn.Conv2d):

@@ -1,7 +1,8 @@
+from .fast_ttt import fast_ttt, rope_table
 from .ttt import (clip_by_norm, depthwise_grad, depthwise_ttt, rope_2d,
                   swiglu_grads, swiglu_ttt)
 
 __all__ = [
-    'clip_by_norm', 'depthwise_grad', 'depthwise_ttt', 'rope_2d',
-    'swiglu_grads', 'swiglu_ttt'
+    'clip_by_norm', 'depthwise_grad', 'depthwise_ttt', 'fast_ttt', 'rope_2d',
+    'rope_table', 'swiglu_grads', 'swiglu_ttt'
 ]

@@ -1,0 +1,398 @@
+"""The TTT inner step of H-ViT3 as one memory-lean ``autograd.Function``.
+
+Same mathematics as :mod:`mmvit3.ops.ttt` (the plain oracle), organised for
+speed and memory:
+
+- Both inner branches run inside one ``autograd.Function`` that saves only
+  its input (the ``qkv`` projection) and the tiny inner weights; backward
+  recomputes the rest and applies hand-derived gradients, second-order
+  terms of the inner step included.
+- The SwiGLU branch runs over token chunks sized to stay in cache, so its
+  dozen elementwise intermediates never travel through main memory (on a
+  CPU they, not the matmuls, set the speed). Its two inner matmuls run as
+  one against ``[w1 | w2]``, and RoPE is one complex multiplication with a
+  per-size table.
+- The depthwise branch computes all per-image kernel gradients and all
+  per-image convolutions as single grouped convolutions (one group per image
+  and channel) on channels-last maps.
+- The inner step always runs in float32 (float64 for float64 inputs), also
+  under autocast, so that mixed precision cannot destabilise it.
+"""
+from functools import lru_cache
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+
+# Elements (tokens x channels) per chunk of the SwiGLU branch: about ten such
+# float32 intermediates then fit a CPU core's L2. GPUs want few, large chunks.
+CPU_CHUNK_ELEMENTS = 1 << 16
+GPU_CHUNK_ELEMENTS = 1 << 24
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@lru_cache(maxsize=32)
+def _rope_table(height: int, width: int, channels: int, device: torch.device,
+                dtype: torch.dtype, base: float) -> torch.Tensor:
+    # Same float32 angles as ``rope_2d``; built outside inference mode so the
+    # cached table is usable by autograd later.
+    with torch.inference_mode(False), torch.no_grad():
+        num_freqs = channels // 4
+        theta = base**(-torch.arange(
+            num_freqs, device=device, dtype=torch.float32) / num_freqs)
+        ys = torch.arange(height, device=device, dtype=torch.float32)
+        xs = torch.arange(width, device=device, dtype=torch.float32)
+        angle_y = (ys[:, None] * theta).unsqueeze(1).expand(height, width, -1)
+        angle_x = (xs[:, None] * theta).unsqueeze(0).expand(height, width, -1)
+        angles = torch.cat([angle_y, angle_x], -1).reshape(height * width, -1)
+        return torch.complex(angles.cos(), angles.sin()).to(dtype)
+
+
+def rope_table(height: int, width: int, channels: int, device: torch.device,
+               dtype: torch.dtype = torch.complex64,
+               base: float = 10000.0) -> torch.Tensor:
+    """Unit complex numbers (H*W, C/2) that rotate the channel pairs of RoPE."""
+    if channels % 4:
+        raise ValueError(f'RoPE needs channels divisible by 4, got {channels}')
+    return _rope_table(height, width, channels, torch.device(device), dtype,
+                       base)
+
+
+def _pairs(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, T, C) real -> (B, T, h, d/2) complex view of its channel pairs."""
+    return torch.view_as_complex(x.unflatten(-1, (heads, -1, 2)))
+
+
+def _head_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(B, h, T, d) real -> (B, T, h, d/2) complex view of its channel pairs."""
+    return torch.view_as_complex(x.unflatten(-1, (-1, 2))).transpose(1, 2)
+
+
+def _rotate_to_heads(tokens: torch.Tensor, table: torch.Tensor, heads: int,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """RoPE on a (B, T, C) slice, written head-major as (B*h, T, d)."""
+    batch, length, channels = tokens.shape
+    out = torch.empty(
+        batch, heads, length, channels // heads, dtype=dtype,
+        device=tokens.device)
+    torch.mul(
+        _pairs(tokens.to(dtype), heads),
+        table.unflatten(-1, (heads, -1)),
+        out=_head_pairs(out))
+    return out.flatten(0, 1)
+
+
+def _rotate_back_into(dest: torch.Tensor, grad: torch.Tensor,
+                      table: torch.Tensor, heads: int):
+    """Write the inverse RoPE of head-major ``grad`` (B*h, T, d) into ``dest``
+    (B, T, C): the rotation is orthogonal, so its transpose undoes it."""
+    grad = grad.unflatten(0, (dest.shape[0], heads))
+    conj = table.conj().unflatten(-1, (heads, -1))
+    if dest.dtype == grad.dtype:
+        torch.mul(_head_pairs(grad), conj, out=_pairs(dest, heads))
+    else:
+        rotated = torch.view_as_real(_head_pairs(grad) * conj)
+        dest.copy_(rotated.flatten(-3))
+
+
+def _to_heads(tokens: torch.Tensor, heads: int,
+              dtype: torch.dtype) -> torch.Tensor:
+    """(B, T, C) -> head-major (B*h, T, d)."""
+    return tokens.unflatten(-1, (heads, -1)).transpose(1, 2).to(
+        dtype, memory_format=torch.contiguous_format).flatten(0, 1)
+
+
+def _heads_view(tokens: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, T, C) -> strided (B*h, T, d) view when possible, for writing."""
+    return tokens.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def _chunks(num_tokens: int, channels: int, device: torch.device):
+    budget = GPU_CHUNK_ELEMENTS if device.type == 'cuda' else CPU_CHUNK_ELEMENTS
+    step = max(1, budget // channels)
+    return [(start, min(start + step, num_tokens))
+            for start in range(0, num_tokens, step)]
+
+
+def _clip(grad: torch.Tensor, dims) -> Tuple[torch.Tensor, torch.Tensor]:
+    norm = torch.linalg.vector_norm(grad, dim=dims, keepdim=True)
+    return grad / (norm + 1), norm
+
+
+def _clip_backward(grad: torch.Tensor, norm: torch.Tensor,
+                   grad_clipped: torch.Tensor, dims) -> torch.Tensor:
+    """Gradient through ``g / (||g|| + 1)``; a zero ``g`` has a zero norm
+    gradient, as in torch's own norm backward."""
+    inner = (grad_clipped * grad).sum(dims, keepdim=True)
+    safe_norm = torch.where(norm > 0, norm, torch.ones_like(norm))
+    radial = torch.where(norm > 0, inner / (safe_norm * (norm + 1)**2),
+                         torch.zeros_like(norm))
+    return grad_clipped / (norm + 1) - grad * radial
+
+
+def _swiglu_terms(z: torch.Tensor):
+    """silu(z2), silu'(z2) and sigmoid(z2) for z = [z1 | z2]."""
+    z1, z2 = z.chunk(2, dim=-1)
+    sig = torch.sigmoid(z2)
+    silu = z2 * sig
+    # silu'(z) = sig * (1 + z * (1 - sig))
+    dsilu = torch.rsub(sig, 1).mul_(z2).add_(1).mul_(sig)
+    return z1, z2, sig, silu, dsilu
+
+
+def _grouped_map(tokens: torch.Tensor, height: int, width: int,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """(B, N, d) tokens -> channels-last (1, B*d, H, W): one group per image
+    and channel, so per-image kernels need no loop."""
+    batch, num_tokens, channels = tokens.shape
+    out = torch.empty((1, batch * channels, height, width),
+                      dtype=dtype,
+                      device=tokens.device,
+                      memory_format=torch.channels_last)
+    out.permute(0, 2, 3, 1).view(num_tokens, batch,
+                                 channels).copy_(tokens.transpose(0, 1))
+    return out
+
+
+def _write_tokens(dest: torch.Tensor, grouped: torch.Tensor):
+    """Inverse of :func:`_grouped_map` into ``dest`` (B, N, d)."""
+    batch, num_tokens, channels = dest.shape
+    dest.copy_(
+        grouped.permute(0, 2, 3, 1).reshape(num_tokens, batch,
+                                            channels).transpose(0, 1))
+
+
+def _depthwise_conv(maps: torch.Tensor, kernels: torch.Tensor):
+    return F.conv2d(maps, kernels, padding=1, groups=maps.shape[1])
+
+
+def _depthwise_backward(grad_out: torch.Tensor, maps: torch.Tensor,
+                        kernels: torch.Tensor, need_input: bool,
+                        need_kernels: bool):
+    """Input and kernel gradients of :func:`_depthwise_conv`. The kernel
+    gradient is the correlation of the zero-padded ``maps`` with
+    ``grad_out``, per group: the depthwise branch's inner gradient."""
+    grad_in, grad_kernels, _ = torch.ops.aten.convolution_backward(
+        grad_out, maps, kernels, None, [1, 1], [1, 1], [1, 1], False, [0, 0],
+        maps.shape[1], [need_input, need_kernels, False])
+    return grad_in, grad_kernels
+
+
+class _Layout:
+    """Channel split of the ``qkv`` projection and the map size."""
+
+    def __init__(self, qkv: torch.Tensor, heads: int, height: int,
+                 width: int):
+        self.batch, self.num_tokens, total = qkv.shape
+        if self.num_tokens != height * width:
+            raise ValueError(f'{self.num_tokens} tokens do not form a '
+                             f'{height} x {width} map')
+        if total % 3:
+            raise ValueError(f'qkv has {total} channels, not 3 * (C + d)')
+        self.heads, self.height, self.width = heads, height, width
+        self.dim = total // 3 * heads // (heads + 1)
+        self.head_dim = self.dim // heads
+        if self.dim + self.head_dim != total // 3:
+            raise ValueError(f'qkv with {total} channels does not split into '
+                             f'{heads} heads plus one depthwise head')
+        dim, head_dim = self.dim, self.head_dim
+        starts = [0, dim, 2 * dim, 3 * dim, 3 * dim + head_dim,
+                  3 * dim + 2 * head_dim, total]
+        self.slices = [slice(a, b) for a, b in zip(starts[:-1], starts[1:])]
+
+    def split(self, qkv: torch.Tensor):
+        """q1, k1, v1, q2, k2, v2 as views of ``qkv`` (or of its gradient)."""
+        return [qkv[..., s] for s in self.slices]
+
+
+def _swiglu_forward(q, k, v, w_cat, table, layout, scale, dtype, out):
+    """Inner step of the SwiGLU branch; writes its output into ``out``.
+
+    Returns the unclipped gradient [g1 | g2] (B*h, d, 2d), its column norms
+    and the updated weights [w1' | w2'] (B*h, d, 2d).
+    """
+    batch, heads, head_dim = layout.batch, layout.heads, layout.head_dim
+    chunks = _chunks(layout.num_tokens, layout.dim, q.device)
+    grad = q.new_zeros(batch * heads, head_dim, 2 * head_dim, dtype=dtype)
+    for start, stop in chunks:
+        k_rot = _rotate_to_heads(k[:, start:stop], table[start:stop], heads,
+                                 dtype)
+        v_heads = _heads_view(v[:, start:stop], heads).flatten(0, 1)
+        z = torch.bmm(k_rot, w_cat)
+        z1, _, _, silu, dsilu = _swiglu_terms(z)
+        # [e * silu(z2) | e * z1 * silu'(z2)] without the constant -scale/N
+        z1 = z1.mul_(dsilu).mul_(v_heads)
+        silu = silu.mul_(v_heads)
+        grad.baddbmm_(k_rot.transpose(1, 2), torch.cat([silu, z1], dim=-1))
+    grad.mul_(-scale / layout.num_tokens)
+    clipped, norm = _clip(grad, -2)
+    w_new = w_cat - clipped
+    for start, stop in chunks:
+        q_rot = _rotate_to_heads(q[:, start:stop], table[start:stop], heads,
+                                 dtype)
+        p1, p2 = torch.bmm(q_rot, w_new).chunk(2, dim=-1)
+        dest = _heads_view(out[:, start:stop, :layout.dim], heads)
+        torch.mul(
+            p1.unflatten(0, (batch, heads)),
+            F.silu(p2).unflatten(0, (batch, heads)),
+            out=dest)
+    return grad, norm, w_new
+
+
+def _swiglu_backward(q, k, v, w_cat, table, layout, scale, dtype, grad_out,
+                     grad_qkv_parts, grad, norm, w_new):
+    """Gradients of the SwiGLU branch w.r.t. q1, k1, v1 (written into
+    ``grad_qkv_parts``) and [w1 | w2] (returned, (h, d, 2d))."""
+    batch, heads, head_dim = layout.batch, layout.heads, layout.head_dim
+    dq_dest, dk_dest, dv_dest = grad_qkv_parts
+    chunks = _chunks(layout.num_tokens, layout.dim, q.device)
+    # Pass 1: through the application of the updated weights to the queries.
+    grad_w_new = torch.zeros_like(w_new)
+    for start, stop in chunks:
+        q_rot = _rotate_to_heads(q[:, start:stop], table[start:stop], heads,
+                                 dtype)
+        p = torch.bmm(q_rot, w_new)
+        p1, _, _, silu, dsilu = _swiglu_terms(p)
+        d_out = _to_heads(grad_out[:, start:stop, :layout.dim], heads, dtype)
+        d_p = torch.cat([d_out * silu, d_out.mul_(p1).mul_(dsilu)], dim=-1)
+        grad_w_new.baddbmm_(q_rot.transpose(1, 2), d_p)
+        _rotate_back_into(dq_dest[:, start:stop],
+                          torch.bmm(d_p, w_new.transpose(1, 2)),
+                          table[start:stop], heads)
+    # Through the clipped update w' = w - clip(g); then g = c * k^T [a | b].
+    grad_w_cat = grad_w_new.clone()
+    d_grad = _clip_backward(grad, norm, grad_w_new.neg_(), -2)
+    d_grad.mul_(-scale / layout.num_tokens)
+    # Pass 2: through the inner gradient, recomputed chunk by chunk.
+    for start, stop in chunks:
+        k_rot = _rotate_to_heads(k[:, start:stop], table[start:stop], heads,
+                                 dtype)
+        v_heads = _to_heads(v[:, start:stop], heads, dtype)
+        z = torch.bmm(k_rot, w_cat)
+        z1, z2, sig, silu, dsilu = _swiglu_terms(z)
+        # silu''(z) = sig * (1 - sig) * (2 + z * (1 - 2 sig))
+        d2silu = torch.rsub(sig, 1).mul_(sig).mul_(
+            torch.addcmul(torch.full_like(z2, 2), z2,
+                          torch.rsub(sig, 0.5).mul_(2)))
+        z1_dsilu = z1 * dsilu
+        d_k = torch.bmm(
+            torch.cat([silu * v_heads, z1_dsilu * v_heads], dim=-1),
+            d_grad.transpose(1, 2))
+        d_a, d_b = torch.bmm(k_rot, d_grad).chunk(2, dim=-1)
+        d_v = torch.addcmul(d_a * silu, d_b, z1_dsilu)
+        d_z1 = d_b * dsilu
+        d_z1.mul_(v_heads)
+        d_z2 = torch.addcmul(d_a.mul_(dsilu), d_b.mul_(z1), d2silu)
+        d_z2.mul_(v_heads)
+        d_z = torch.cat([d_z1, d_z2], dim=-1)
+        d_k.baddbmm_(d_z, w_cat.transpose(1, 2))
+        grad_w_cat.baddbmm_(k_rot.transpose(1, 2), d_z)
+        _rotate_back_into(dk_dest[:, start:stop], d_k, table[start:stop],
+                          heads)
+        _heads_view(dv_dest[:, start:stop], heads).copy_(
+            d_v.unflatten(0, (batch, heads)))
+    return grad_w_cat.unflatten(0, (batch, heads)).sum(0)
+
+
+def _depthwise_forward(q, k, v, w3, layout, scale, dtype, out):
+    """Inner step of the depthwise branch; writes its output into ``out``."""
+    batch, height, width = layout.batch, layout.height, layout.width
+    k_map = _grouped_map(k, height, width, dtype)
+    v_map = _grouped_map(v, height, width, dtype)
+    _, grad = _depthwise_backward(v_map, k_map, w3.to(dtype).repeat(batch, 1,
+                                                                    1, 1),
+                                  False, True)
+    grad = grad * (-scale / (height * width))
+    clipped, norm = _clip(grad, (-2, -1))
+    kernels = w3.to(dtype).repeat(batch, 1, 1, 1) - clipped
+    _write_tokens(
+        out, _depthwise_conv(_grouped_map(q, height, width, dtype), kernels))
+    return grad, norm, kernels
+
+
+def _depthwise_backward_all(q, k, v, layout, scale, dtype, grad_out,
+                            grad_qkv_parts, grad, norm, kernels):
+    """Gradients of the depthwise branch w.r.t. q2, k2, v2 (written into
+    ``grad_qkv_parts``) and w3 (returned)."""
+    batch, height, width = layout.batch, layout.height, layout.width
+    dq_dest, dk_dest, dv_dest = grad_qkv_parts
+    d_out = _grouped_map(grad_out, height, width, dtype)
+    d_q, d_kernels = _depthwise_backward(
+        d_out, _grouped_map(q, height, width, dtype), kernels, True, True)
+    _write_tokens(dq_dest, d_q)
+    grad_w3 = d_kernels.unflatten(0, (batch, -1)).sum(0)
+    d_grad = _clip_backward(grad, norm, -d_kernels, (-2, -1))
+    d_grad.mul_(-scale / (height * width))
+    # grad = correlation(k, v): bilinear, so each factor's gradient is a
+    # depthwise convolution with d_grad.
+    k_map = _grouped_map(k, height, width, dtype)
+    v_map = _grouped_map(v, height, width, dtype)
+    d_k, _ = _depthwise_backward(v_map, k_map, d_grad, True, False)
+    _write_tokens(dk_dest, d_k)
+    _write_tokens(dv_dest, _depthwise_conv(k_map, d_grad))
+    return grad_w3
+
+
+class FastTTT(torch.autograd.Function):
+    """(qkv, w1, w2, w3) -> concat(out1, out2), saving only the inputs."""
+
+    @staticmethod
+    def forward(ctx, qkv, w1, w2, w3, heads, height, width, scale):
+        layout = _Layout(qkv, heads, height, width)
+        dtype = compute_dtype(qkv.dtype)
+        out = qkv.new_empty(layout.batch, layout.num_tokens,
+                            layout.dim + layout.head_dim)
+        q1, k1, v1, q2, k2, v2 = layout.split(qkv)
+        table = rope_table(height, width, layout.dim, qkv.device,
+                           torch.complex128 if dtype == torch.float64 else
+                           torch.complex64)
+        w_cat = torch.cat([w1, w2], dim=-1).to(dtype).expand(
+            layout.batch, -1, -1, -1).flatten(0, 1)
+        with torch.autocast(qkv.device.type, enabled=False):
+            swiglu_state = _swiglu_forward(q1, k1, v1, w_cat, table, layout,
+                                           scale, dtype,
+                                           out[..., :layout.dim])
+            depthwise_state = _depthwise_forward(q2, k2, v2, w3, layout,
+                                                 scale, dtype,
+                                                 out[..., layout.dim:])
+        ctx.save_for_backward(qkv, w_cat, *swiglu_state, *depthwise_state)
+        ctx.layout, ctx.scale, ctx.table = layout, scale, table
+        ctx.weight_dtypes = (w1.dtype, w2.dtype, w3.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qkv, w_cat, *state = ctx.saved_tensors
+        layout, scale, table = ctx.layout, ctx.scale, ctx.table
+        dtype = compute_dtype(qkv.dtype)
+        grad_qkv = torch.empty_like(qkv)
+        parts, grad_parts = layout.split(qkv), layout.split(grad_qkv)
+        with torch.autocast(qkv.device.type, enabled=False):
+            grad_w_cat = _swiglu_backward(*parts[:3], w_cat, table, layout,
+                                          scale, dtype, grad_out,
+                                          grad_parts[:3], *state[:3])
+            grad_w3 = _depthwise_backward_all(
+                *parts[3:], layout, scale, dtype,
+                grad_out[..., layout.dim:], grad_parts[3:], *state[3:])
+        grad_w1, grad_w2 = grad_w_cat.unsqueeze(0).chunk(2, dim=-1)
+        w1_dtype, w2_dtype, w3_dtype = ctx.weight_dtypes
+        return (grad_qkv, grad_w1.to(w1_dtype), grad_w2.to(w2_dtype),
+                grad_w3.to(w3_dtype), None, None, None, None)
+
+
+def fast_ttt(qkv: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+             w3: torch.Tensor, heads: int, height: int, width: int,
+             scale: float) -> torch.Tensor:
+    """Both inner branches of a TTT layer from its ``qkv`` projection.
+
+    Args:
+        qkv: (B, H*W, 3C + 3d), split as q1, k1, v1 (C each), q2, k2, v2 (d).
+        w1, w2: (1, heads, d, d) SwiGLU inner weights; w3: (d, 1, 3, 3).
+    Returns:
+        (B, H*W, C + d): the two branches' outputs, concatenated, in
+        ``qkv``'s dtype.
+    """
+    return FastTTT.apply(qkv, w1, w2, w3, heads, height, width, scale)

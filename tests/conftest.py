@@ -1,0 +1,109 @@
+"""Shared fixtures: a tiny generated dataset in the COCO and ADE20K layouts,
+an ImageNet checkpoint in the published layout, and the ``--cfg-options``
+that shrink the published configs onto them."""
+import os
+import os.path as osp
+import subprocess
+import sys
+from typing import List
+
+import pytest
+
+from mmvit3.shapes import SEG_CLASSES, SHAPES, make_shapes_dataset
+from mmvit3.testing import write_published_checkpoint
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+
+
+@pytest.fixture(scope='session')
+def shapes_data(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp('shapes'))
+    return make_shapes_dataset(
+        root, num_train=2, num_val=2, image_size=(96, 128), seed=1)
+
+
+@pytest.fixture(scope='session')
+def tiny_checkpoint(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp('pretrained') / 'hvit3_tiny.pth')
+    write_published_checkpoint(path, 'tiny')
+    return path
+
+
+def _tuple(names) -> str:
+    return '(' + ','.join(names) + ')'
+
+
+def det_options(coco_root: str, checkpoint: str, eval_loader: str) -> List[str]:
+    """Shrink a Mask R-CNN ms-crop config onto the shapes data (CPU, fp32)."""
+    classes = _tuple(SHAPES)
+    evaluator = eval_loader.replace('dataloader', 'evaluator')
+    small = '[(128,96)]'
+    return [
+        f'model.backbone.init_cfg.checkpoint={checkpoint}',
+        'model.roi_head.bbox_head.num_classes=4',
+        'model.roi_head.mask_head.num_classes=4',
+        'optim_wrapper.type=OptimWrapper',
+        f'train_dataloader.dataset.metainfo.classes={classes}',
+        f'train_dataloader.dataset.data_root={coco_root}/',
+        'train_dataloader.dataset.ann_file=annotations/instances_train.json',
+        'train_dataloader.dataset.data_prefix.img=train/',
+        'train_dataloader.batch_size=2',
+        'train_dataloader.num_workers=0',
+        'train_dataloader.persistent_workers=False',
+        f'train_dataloader.dataset.pipeline.3.transforms.0.0.scales={small}',
+        f'train_dataloader.dataset.pipeline.3.transforms.1.0.scales={small}',
+        'train_dataloader.dataset.pipeline.3.transforms.1.1.crop_size=(64,64)',
+        f'train_dataloader.dataset.pipeline.3.transforms.1.2.scales={small}',
+        f'{eval_loader}.dataset.metainfo.classes={classes}',
+        f'{eval_loader}.dataset.data_root={coco_root}/',
+        f'{eval_loader}.dataset.ann_file=annotations/instances_val.json',
+        f'{eval_loader}.dataset.data_prefix.img=val/',
+        f'{eval_loader}.num_workers=0',
+        f'{eval_loader}.persistent_workers=False',
+        f'{eval_loader}.dataset.pipeline.1.scale=(128,96)',
+        f'{evaluator}.ann_file={coco_root}/annotations/instances_val.json',
+        'train_cfg.max_epochs=1',
+        'default_hooks.logger.interval=1',
+    ]
+
+
+def seg_options(ade_root: str, checkpoint: str, eval_loader: str) -> List[str]:
+    """Shrink an UperNet ADE20K config onto the shapes data (CPU, fp32)."""
+    classes = _tuple(SEG_CLASSES)
+    options = [
+        f'model.backbone.init_cfg.checkpoint={checkpoint}',
+        f'model.decode_head.num_classes={len(SEG_CLASSES)}',
+        f'model.auxiliary_head.num_classes={len(SEG_CLASSES)}',
+        'model.data_preprocessor.size=(64,64)',
+        'optim_wrapper.type=OptimWrapper',
+        'train_dataloader.batch_size=2',
+        'train_dataloader.dataset.pipeline.2.scale=(128,64)',
+        'train_dataloader.dataset.pipeline.3.crop_size=(64,64)',
+        f'{eval_loader}.dataset.pipeline.1.scale=(128,64)',
+        'train_cfg.max_iters=1',
+        'train_cfg.val_interval=1',
+        'default_hooks.checkpoint.interval=1',
+        'default_hooks.logger.interval=1',
+    ]
+    # the shapes classes are not ADE's 150, so the generic dataset class
+    for loader in ('train_dataloader', eval_loader):
+        options += [
+            f'{loader}.dataset.type=BaseSegDataset',
+            f'{loader}.dataset.reduce_zero_label=True',
+            f'{loader}.dataset.metainfo.classes={classes}',
+            f'{loader}.dataset.data_root={ade_root}',
+            f'{loader}.num_workers=0',
+            f'{loader}.persistent_workers=False',
+        ]
+    return options
+
+
+def run_tool(*args, cwd=REPO, timeout=600) -> subprocess.CompletedProcess:
+    """Run ``python tools/...`` as a user would; output captured as text."""
+    env = dict(os.environ, PYTHONWARNINGS='ignore')
+    return subprocess.run([sys.executable, *args],
+                          cwd=cwd,
+                          env=env,
+                          capture_output=True,
+                          text=True,
+                          timeout=timeout)
