@@ -6,6 +6,7 @@ classifiers go into timm's model registry likewise.
 """
 import importlib
 
+from .fileio import register_atomic_local_backend
 from .models import HViT3
 
 TOOLBOXES = ('mmdet', 'mmseg')
@@ -23,6 +24,7 @@ def register_all() -> list:
         registry.MODELS.register_module(name='HViT3', module=HViT3, force=True)
         registered.append(toolbox)
     register_timm_models()
+    register_atomic_local_backend()  # checkpoints are never left half-written
     return registered
 
 

@@ -1,8 +1,10 @@
 """A deterministic synthetic dataset of shapes in the COCO and ADE20K layouts.
 
-Each image has a textured background and several shapes (circle, square,
-triangle, star) of varied size and colour that may occlude each other; the
-annotations describe the visible parts only. The same images are written in
+Each image has a textured background and a few shapes (circle, square,
+triangle, star) of varied size, colour and texture that may occlude each
+other; the annotations describe the visible parts only. A shape never hides
+more than half of an earlier one, so that every annotated instance still
+shows what it is. The same images are written in
 the two layouts the real datasets use:
 
 - ``coco/{train,val}/*.jpg`` and ``coco/annotations/instances_{train,val}.json``
@@ -27,6 +29,8 @@ SHAPES = ('circle', 'square', 'triangle', 'star')
 SEG_CLASSES = ('background', ) + SHAPES
 SPLITS = {'train': 'training', 'val': 'validation'}
 MIN_VISIBLE_PIXELS = 30
+MAX_OCCLUDED_FRACTION = 0.5
+PLACEMENT_TRIES = 20
 
 
 def _polygon(kind: str, cx: float, cy: float, radius: float,
@@ -60,29 +64,51 @@ def _background(rng: np.random.Generator, height: int,
     return np.clip(image, 0, 255)
 
 
+def _shape_colour(rng: np.random.Generator) -> np.ndarray:
+    """A saturated colour: shapes stand out from the muted background by
+    colour as well as by outline."""
+    hue = rng.uniform(0, 6)
+    channels = np.clip(np.abs((hue - np.array([3.0, 1.0, 5.0])) % 6 - 3) - 1,
+                       0, 1)
+    return 40 + 215 * channels * rng.uniform(0.7, 1.0)
+
+
 def render_image(seed: int, height: int, width: int,
-                 max_shapes: int = 4) -> Tuple[np.ndarray, List[dict]]:
+                 max_shapes: int = 3) -> Tuple[np.ndarray, List[dict]]:
     """One image and its visible instances ``{'label', 'mask'}``."""
     rng = np.random.default_rng(seed)
     image = _background(rng, height, width)
     num_shapes = int(rng.integers(1, max_shapes + 1))
+    side = min(height, width)
     instances = []
     for _ in range(num_shapes):
         label = int(rng.integers(len(SHAPES)))
-        radius = rng.uniform(0.08, 0.3) * min(height, width)
-        cx, cy = rng.uniform(0, width), rng.uniform(0, height)
-        canvas = Image.new('L', (width, height), 0)
-        ImageDraw.Draw(canvas).polygon(
-            _polygon(SHAPES[label], cx, cy, radius, rng.uniform(0, 2 * math.pi)),
-            fill=1)
-        mask = np.asarray(canvas, dtype=bool)
-        colour = rng.uniform(0, 255, size=3)
-        texture = rng.normal(0, 10, size=(height, width, 1))
-        image[mask] = np.clip(colour + texture[mask], 0, 255)
+        radius = rng.uniform(0.15, 0.35) * side
+        # retry placements that would hide too much of an earlier shape
+        for _ in range(PLACEMENT_TRIES):
+            cx = rng.uniform(0.5 * radius, width - 0.5 * radius)
+            cy = rng.uniform(0.5 * radius, height - 0.5 * radius)
+            canvas = Image.new('L', (width, height), 0)
+            ImageDraw.Draw(canvas).polygon(
+                _polygon(SHAPES[label], cx, cy, radius,
+                         rng.uniform(0, 2 * math.pi)),
+                fill=1)
+            mask = np.asarray(canvas, dtype=bool)
+            if all((earlier['mask'] & ~mask).sum() >=
+                   (1 - MAX_OCCLUDED_FRACTION) * earlier['area']
+                   for earlier in instances):
+                break
+        else:
+            continue
+        stripes = np.sin(rng.uniform(0.2, 0.8) * np.arange(width))[None, :]
+        texture = (rng.uniform(0, 25) * stripes)[..., None] + rng.normal(
+            0, 10, size=(height, width, 1))
+        image[mask] = np.clip(_shape_colour(rng) + texture[mask], 0, 255)
         for earlier in instances:  # the new shape occludes earlier ones
             earlier['mask'] &= ~mask
-        instances.append({'label': label, 'mask': mask})
-    visible = [i for i in instances if i['mask'].sum() >= MIN_VISIBLE_PIXELS]
+        instances.append({'label': label, 'mask': mask, 'area': mask.sum()})
+    visible = [{'label': i['label'], 'mask': i['mask']} for i in instances
+               if i['mask'].sum() >= MIN_VISIBLE_PIXELS]
     return image.astype(np.uint8), visible
 
 
@@ -115,7 +141,7 @@ def make_shapes_dataset(out_dir: str,
                         num_val: int = 50,
                         image_size: Tuple[int, int] = (128, 128),
                         seed: int = 0,
-                        max_shapes: int = 4) -> Dict[str, str]:
+                        max_shapes: int = 3) -> Dict[str, str]:
     """Write the dataset; return the COCO and ADE roots."""
     height, width = image_size
     coco_root = osp.join(out_dir, 'coco')
