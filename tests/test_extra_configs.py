@@ -1,0 +1,127 @@
+"""H-ViT3 in other OpenMMLab models: each extra config builds, loads an
+ImageNet file in the published layout through its ``init_cfg``, and takes one
+training step on generated data through its own train pipeline (scales
+shrunk to fit a CPU)."""
+import copy
+import importlib
+import os.path as osp
+
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.dataset import pseudo_collate
+from mmengine.model import revert_sync_batchnorm
+from mmengine.optim import build_optim_wrapper
+from mmengine.registry import init_default_scope
+
+import mmvit3  # noqa: F401  (registers HViT3)
+from mmvit3.shapes import SHAPES, make_shapes_dataset
+from mmvit3.testing import write_published_checkpoint
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+SMALL_SCALE = (128, 96)
+SMALL_CROP = (64, 64)
+
+# config -> overrides that shrink what the scales alone do not
+EXTRA_CONFIGS = {
+    'retinanet/retinanet_hvit3-t_fpn_1x_coco.py': {},
+    'cascade_rcnn/cascade-mask-rcnn_hvit3-t_fpn_4conv1fc-giou_amp-ms-crop-'
+    '3x_coco.py': {},
+    # two-stage DINO picks its queries among the encoder's ~250 tokens here
+    'dino/dino-4scale_hvit3-t_8xb2-12e_coco.py': {
+        'model.num_queries': 50,
+        'model.dn_cfg.group_cfg.num_dn_queries': 10,
+    },
+    'sem_fpn/fpn_hvit3-t_8xb4-40k_ade20k-512x512.py': {
+        'model.data_preprocessor.size': SMALL_CROP,
+    },
+    'segformer/segformer_hvit3-t_8xb2-160k_ade20k-512x512.py': {
+        'model.data_preprocessor.size': SMALL_CROP,
+    },
+}
+
+
+@pytest.fixture(scope='module')
+def data_roots(tmp_path_factory):
+    return make_shapes_dataset(
+        str(tmp_path_factory.mktemp('shapes')),
+        num_train=2,
+        num_val=1,
+        image_size=SMALL_SCALE[::-1],
+        seed=3)
+
+
+@pytest.fixture(scope='module')
+def published(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp('pretrained') / 'hvit3_tiny.pth')
+    return path, write_published_checkpoint(path, 'tiny', with_ema=False)
+
+
+def shrink(transform):
+    """The same pipeline with every resize and crop made small."""
+    if isinstance(transform, list):
+        return [shrink(t) for t in transform]
+    if not isinstance(transform, dict):
+        return transform
+    small = {key: shrink(value) for key, value in transform.items()}
+    if 'scale' in small:
+        small['scale'] = SMALL_SCALE
+    if 'scales' in small:
+        small['scales'] = [SMALL_SCALE]
+    if 'crop_size' in small:
+        small['crop_size'] = SMALL_CROP
+    return small
+
+
+def train_dataset_cfg(cfg: Config, roots: dict) -> dict:
+    dataset = cfg.train_dataloader.dataset
+    while 'dataset' in dataset:  # RepeatDataset and other wrappers
+        dataset = dataset.dataset
+    dataset = copy.deepcopy(dataset)
+    dataset.pipeline = shrink(dataset.pipeline)
+    if cfg.default_scope == 'mmdet':
+        dataset.update(
+            data_root=roots['coco'],
+            ann_file='annotations/instances_train.json',
+            data_prefix=dict(img='train/'),
+            metainfo=dict(classes=SHAPES))
+    else:
+        dataset.data_root = roots['ade']
+    return dataset
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('config', sorted(EXTRA_CONFIGS))
+def test_config_builds_loads_and_trains_one_step(config, data_roots,
+                                                 published):
+    checkpoint, states = published
+    cfg = Config.fromfile(osp.join(REPO, 'configs', config))
+    assert cfg.custom_imports == dict(
+        imports=['mmvit3'], allow_failed_imports=False)
+    assert cfg.model.backbone.type == 'HViT3'
+    cfg.model.backbone.init_cfg.checkpoint = checkpoint
+    cfg.merge_from_dict(EXTRA_CONFIGS[config])
+    scope = cfg.default_scope
+    init_default_scope(scope)
+    registry = importlib.import_module(f'{scope}.registry')
+
+    model = registry.MODELS.build(cfg.model)
+    model.init_weights()
+    model = revert_sync_batchnorm(model)  # one CPU process, no SyncBN
+    key = 'layers.2.blocks.1.attn.qkv.weight'
+    assert torch.equal(model.backbone.state_dict()[key], states['model'][key])
+
+    dataset = registry.DATASETS.build(train_dataset_cfg(cfg, data_roots))
+    batch = pseudo_collate([dataset[0], dataset[1]])
+    optim_cfg = copy.deepcopy(cfg.optim_wrapper)
+    optim_cfg.type = 'OptimWrapper'  # AmpOptimWrapper needs a GPU
+    optim_wrapper = build_optim_wrapper(model, optim_cfg)
+
+    inner_weight = model.backbone.layers[0].blocks[0].attn.w1
+    before = inner_weight.detach().clone()
+    model.train()
+    losses = model.train_step(batch, optim_wrapper)
+    assert losses and all(torch.isfinite(v).all() for v in losses.values())
+    assert losses['loss'] > 0
+    # the step reached the first stage's TTT inner weights
+    assert not torch.equal(inner_weight.detach(), before)
