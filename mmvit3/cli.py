@@ -56,11 +56,27 @@ def load_config(args) -> Config:
     if args.launcher != 'none' and not torch.cuda.is_available():
         # the toolboxes' runtimes ask for nccl, which needs GPUs
         cfg.env_cfg.setdefault('dist_cfg', ConfigDict()).backend = 'gloo'
+        # mmengine's default DDP wrapping passes device_ids=[LOCAL_RANK],
+        # which torch refuses for a CPU model; keep its other defaults
+        wrapper = cfg.setdefault(
+            'model_wrapper_cfg',
+            ConfigDict(
+                type='MMDistributedDataParallel',
+                broadcast_buffers=False,
+                find_unused_parameters=cfg.get('find_unused_parameters',
+                                               False)))
+        wrapper.device_ids = None
     return cfg
 
 
 def build_runner(cfg: Config) -> Runner:
     enable_mmengine_checkpoint_loading()
+    if (cfg.launcher == 'pytorch' and not torch.cuda.is_available()
+            and not torch.distributed.is_initialized()):
+        # mmengine's init_dist selects a CUDA device first, which fails on a
+        # CPU-only machine; it uses a process group that already exists
+        torch.distributed.init_process_group(
+            backend=cfg.env_cfg.dist_cfg.backend)
     if 'runner_type' in cfg:
         from mmengine.registry import RUNNERS
         return RUNNERS.build(cfg)
