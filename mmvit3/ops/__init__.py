@@ -1,4 +1,4 @@
-from .fast_ttt import fast_ttt, rope_table
+from .ttt_fast import fast_ttt, rope_table
 from .ttt import (clip_by_norm, depthwise_grad, depthwise_ttt, rope_2d,
                   swiglu_grads, swiglu_ttt)
 

@@ -133,14 +133,11 @@ def _clip_backward(grad: torch.Tensor, norm: torch.Tensor,
     return grad_clipped / (norm + 1) - grad * radial
 
 
-def _swiglu_terms(z: torch.Tensor):
-    """silu(z2), silu'(z2) and sigmoid(z2) for z = [z1 | z2]."""
-    z1, z2 = z.chunk(2, dim=-1)
-    sig = torch.sigmoid(z2)
-    silu = z2 * sig
-    # silu'(z) = sig * (1 + z * (1 - sig))
-    dsilu = torch.rsub(sig, 1).mul_(z2).add_(1).mul_(sig)
-    return z1, z2, sig, silu, dsilu
+def _silu_terms(z: torch.Tensor):
+    """sigmoid(z), silu(z) and silu'(z) = sigmoid(z) * (1 + z - silu(z))."""
+    sig = torch.sigmoid(z)
+    silu = z * sig
+    return sig, silu, torch.sub(z, silu).add_(1).mul_(sig)
 
 
 def _grouped_map(tokens: torch.Tensor, height: int, width: int,
@@ -220,13 +217,16 @@ def _swiglu_forward(q, k, v, w_cat, table, layout, scale, dtype, out):
     for start, stop in chunks:
         k_rot = _rotate_to_heads(k[:, start:stop], table[start:stop], heads,
                                  dtype)
-        v_heads = _heads_view(v[:, start:stop], heads).flatten(0, 1)
-        z = torch.bmm(k_rot, w_cat)
-        z1, _, _, silu, dsilu = _swiglu_terms(z)
-        # [e * silu(z2) | e * z1 * silu'(z2)] without the constant -scale/N
-        z1 = z1.mul_(dsilu).mul_(v_heads)
-        silu = silu.mul_(v_heads)
-        grad.baddbmm_(k_rot.transpose(1, 2), torch.cat([silu, z1], dim=-1))
+        z1, z2 = torch.bmm(k_rot, w_cat).chunk(2, dim=-1)
+        # [v * silu(z2) | v * z1 * silu'(z2)], the -scale/N applied once
+        # below; with silu' = sig * (1 + z2 - silu): v * silu' = vs + a - a*sig
+        sig = torch.sigmoid(z2)
+        v_sig = sig * _heads_view(v[:, start:stop], heads).flatten(0, 1)
+        terms = z1.new_empty(z1.shape[:-1] + (2 * head_dim, ))
+        a, b = terms.chunk(2, dim=-1)
+        torch.mul(v_sig, z2, out=a)
+        torch.mul(torch.addcmul(a, a, sig, value=-1).add_(v_sig), z1, out=b)
+        grad.baddbmm_(k_rot.transpose(1, 2), terms)
     grad.mul_(-scale / layout.num_tokens)
     clipped, norm = _clip(grad, -2)
     w_new = w_cat - clipped
@@ -234,11 +234,11 @@ def _swiglu_forward(q, k, v, w_cat, table, layout, scale, dtype, out):
         q_rot = _rotate_to_heads(q[:, start:stop], table[start:stop], heads,
                                  dtype)
         p1, p2 = torch.bmm(q_rot, w_new).chunk(2, dim=-1)
-        dest = _heads_view(out[:, start:stop, :layout.dim], heads)
+        gate = torch.sigmoid(p2).mul_(p2)
         torch.mul(
             p1.unflatten(0, (batch, heads)),
-            F.silu(p2).unflatten(0, (batch, heads)),
-            out=dest)
+            gate.unflatten(0, (batch, heads)),
+            out=_heads_view(out[:, start:stop, :layout.dim], heads))
     return grad, norm, w_new
 
 
@@ -249,15 +249,19 @@ def _swiglu_backward(q, k, v, w_cat, table, layout, scale, dtype, grad_out,
     batch, heads, head_dim = layout.batch, layout.heads, layout.head_dim
     dq_dest, dk_dest, dv_dest = grad_qkv_parts
     chunks = _chunks(layout.num_tokens, layout.dim, q.device)
-    # Pass 1: through the application of the updated weights to the queries.
+    # Pass 1: through out = p1 * silu(p2), p = q_rot @ [w1' | w2'].
     grad_w_new = torch.zeros_like(w_new)
     for start, stop in chunks:
         q_rot = _rotate_to_heads(q[:, start:stop], table[start:stop], heads,
                                  dtype)
         p = torch.bmm(q_rot, w_new)
-        p1, _, _, silu, dsilu = _swiglu_terms(p)
+        p1, p2 = p.chunk(2, dim=-1)
+        _, silu, dsilu = _silu_terms(p2)
         d_out = _to_heads(grad_out[:, start:stop, :layout.dim], heads, dtype)
-        d_p = torch.cat([d_out * silu, d_out.mul_(p1).mul_(dsilu)], dim=-1)
+        d_p = torch.empty_like(p)
+        d_p1, d_p2 = d_p.chunk(2, dim=-1)
+        torch.mul(d_out, silu, out=d_p1)
+        torch.mul(d_out, p1, out=d_p2).mul_(dsilu)
         grad_w_new.baddbmm_(q_rot.transpose(1, 2), d_p)
         _rotate_back_into(dq_dest[:, start:stop],
                           torch.bmm(d_p, w_new.transpose(1, 2)),
@@ -272,28 +276,29 @@ def _swiglu_backward(q, k, v, w_cat, table, layout, scale, dtype, grad_out,
                                  dtype)
         v_heads = _to_heads(v[:, start:stop], heads, dtype)
         z = torch.bmm(k_rot, w_cat)
-        z1, z2, sig, silu, dsilu = _swiglu_terms(z)
-        # silu''(z) = sig * (1 - sig) * (2 + z * (1 - 2 sig))
-        d2silu = torch.rsub(sig, 1).mul_(sig).mul_(
-            torch.addcmul(torch.full_like(z2, 2), z2,
-                          torch.rsub(sig, 0.5).mul_(2)))
+        z1, z2 = z.chunk(2, dim=-1)
+        sig, silu, dsilu = _silu_terms(z2)
+        # silu''(z) = sig * (1 - sig) * (2 + z - 2 * silu(z))
+        d2silu = torch.addcmul(sig, sig, sig, value=-1).mul_(
+            torch.add(z2, silu, alpha=-2).add_(2))
         z1_dsilu = z1 * dsilu
-        d_k = torch.bmm(
-            torch.cat([silu * v_heads, z1_dsilu * v_heads], dim=-1),
-            d_grad.transpose(1, 2))
+        terms = torch.empty_like(z)
+        a, b = terms.chunk(2, dim=-1)
+        torch.mul(v_heads, silu, out=a)
+        torch.mul(v_heads, z1_dsilu, out=b)
+        d_k = torch.bmm(terms, d_grad.transpose(1, 2))
         d_a, d_b = torch.bmm(k_rot, d_grad).chunk(2, dim=-1)
-        d_v = torch.addcmul(d_a * silu, d_b, z1_dsilu)
-        d_z1 = d_b * dsilu
-        d_z1.mul_(v_heads)
-        d_z2 = torch.addcmul(d_a.mul_(dsilu), d_b.mul_(z1), d2silu)
-        d_z2.mul_(v_heads)
-        d_z = torch.cat([d_z1, d_z2], dim=-1)
+        _heads_view(dv_dest[:, start:stop], heads).copy_(
+            torch.mul(d_a, silu).addcmul_(d_b, z1_dsilu).unflatten(
+                0, (batch, heads)))
+        d_z = terms  # a and b are no longer needed
+        torch.mul(d_b, dsilu, out=a).mul_(v_heads)
+        torch.addcmul(
+            d_a.mul_(dsilu), d_b.mul_(z1), d2silu, out=b).mul_(v_heads)
         d_k.baddbmm_(d_z, w_cat.transpose(1, 2))
         grad_w_cat.baddbmm_(k_rot.transpose(1, 2), d_z)
         _rotate_back_into(dk_dest[:, start:stop], d_k, table[start:stop],
                           heads)
-        _heads_view(dv_dest[:, start:stop], heads).copy_(
-            d_v.unflatten(0, (batch, heads)))
     return grad_w_cat.unflatten(0, (batch, heads)).sum(0)
 
 
