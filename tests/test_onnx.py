@@ -8,7 +8,9 @@ import onnxruntime
 import pytest
 import torch
 from mmengine.config import Config
+from mmengine.model import revert_sync_batchnorm
 from mmengine.registry import init_default_scope
+from mmseg.registry import MODELS
 
 import mmvit3  # noqa: F401  (registers HViT3)
 from mmvit3.models import HViT3
@@ -40,7 +42,8 @@ def assert_parity(session, module, sizes):
         image = torch.randn(1, 3, height, width, generator=generator)
         with torch.no_grad():
             expected = module(image)
-        expected = [expected] if isinstance(expected, torch.Tensor) else expected
+        if isinstance(expected, torch.Tensor):
+            expected = [expected]
         actual = session.run(None, {'image': image.numpy()})
         assert len(actual) == len(expected)
         for a, e in zip(actual, expected):
@@ -89,8 +92,6 @@ def test_backbone_dynamic_hw_matches_pytorch(tmp_path, capsys):
 def build_segmentor(config: str):
     cfg = Config.fromfile(osp.join(REPO, 'configs', config))
     init_default_scope('mmseg')
-    from mmengine.model import revert_sync_batchnorm
-    from mmseg.registry import MODELS
     cfg.model.backbone.init_cfg = None
     model = MODELS.build(cfg.model)
     model.init_weights()

@@ -1,4 +1,4 @@
-"""timm models hvit3_{tiny,small,base}: creation, published weights, features."""
+"""timm's hvit3_{tiny,small,base}: creation, published weights, features."""
 import pytest
 import timm
 import timm.optim
@@ -87,7 +87,8 @@ def test_other_class_count_keeps_backbone_and_new_head(tiny_file):
     assert model.head.weight.shape == (5, 512)
     key = 'layers.3.blocks.0.mlp.fc2.weight'
     assert torch.equal(model.state_dict()[key], states['model'][key])
-    assert torch.equal(model.norm.running_var, states['model']['norm.running_var'])
+    assert torch.equal(model.norm.running_var,
+                       states['model']['norm.running_var'])
 
 
 def test_pretrained_errors(tiny_file):

@@ -1,12 +1,14 @@
 """Export H-ViT3 to ONNX with dynamic height and width, checked by onnxruntime.
 
     # the backbone (its stage maps), e.g. with the authors' ImageNet weights
-    python tools/export_onnx.py --arch tiny --checkpoint checkpoints/hvit3_tiny.pth \\
-        --out hvit3-t.onnx
+    python tools/export_onnx.py --arch tiny \\
+        --checkpoint checkpoints/hvit3_tiny.pth --out hvit3-t.onnx
     # the backbone of a trained detector or segmentor
-    python tools/export_onnx.py --config CONFIG --checkpoint CKPT --out backbone.onnx
+    python tools/export_onnx.py --config CONFIG --checkpoint CKPT \\
+        --out backbone.onnx
     # a whole mmseg segmentor: class scores at the input's resolution
-    python tools/export_onnx.py --config CONFIG --checkpoint CKPT --whole --out seg.onnx
+    python tools/export_onnx.py --config CONFIG --checkpoint CKPT --whole \\
+        --out seg.onnx
 
 The graph's input ``image`` is what the data preprocessor hands the model:
 (batch, 3, H, W), RGB, normalised with the config's mean and std. H and W

@@ -175,7 +175,7 @@ class HViT3Classifier(HViT3):
             indices: Optional[Union[int, Sequence[int]]] = 1,
             prune_norm: bool = False,
             prune_head: bool = True) -> List[int]:
-        """Drop what the maps of ``indices`` do not need; return the indices."""
+        """Drop what the maps of ``indices`` do not need; return them."""
         taken = take_indices(len(self.layers), indices)
         last = taken[-1]
         prune_end = last < len(self.layers) - 1
@@ -208,7 +208,8 @@ class HViT3Classifier(HViT3):
         key left over or missing is an error, except a classifier that
         :func:`checkpoint_filter_fn` dropped for not fitting.
         """
-        source = select_state_dict(read_checkpoint(path), self.pretrained_state)
+        source = select_state_dict(
+            read_checkpoint(path), self.pretrained_state)
         state_dict = checkpoint_filter_fn(source, self)
         refitted = {k for k in HEAD_KEYS if k in source} - set(state_dict)
         result = self.load_state_dict(state_dict, strict=False)
