@@ -107,3 +107,49 @@ def run_tool(*args, cwd=REPO, timeout=600) -> subprocess.CompletedProcess:
                           capture_output=True,
                           text=True,
                           timeout=timeout)
+
+
+QUICKSTART_DET = 'configs/quickstart/mask-rcnn_hvit3-t_fpn_shapes.py'
+QUICKSTART_SEG = 'configs/quickstart/hvit3-t_upernet_shapes.py'
+
+
+def quickstart_det_options(coco_root: str) -> List[str]:
+    """Point the quick-start detector at tiny test data (64 px, 2 images)."""
+    options = [
+        'train_dataloader.batch_size=2',
+        'train_dataloader.dataset.pipeline.2.scale=(64,64)',
+        f'val_evaluator.ann_file={coco_root}/annotations/instances_val.json',
+        f'test_evaluator.ann_file={coco_root}/annotations/instances_val.json',
+        'default_hooks.logger.interval=1',
+    ]
+    for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        options += [
+            f'{loader}.dataset.data_root={coco_root}/',
+            f'{loader}.num_workers=0',
+            f'{loader}.persistent_workers=False',
+        ]
+    for loader in ('val_dataloader', 'test_dataloader'):
+        options.append(f'{loader}.dataset.pipeline.1.scale=(64,64)')
+    return options
+
+
+def quickstart_seg_options(ade_root: str, max_iters: int) -> List[str]:
+    """Point the quick-start segmentor at tiny test data (64 px crops)."""
+    options = [
+        'model.data_preprocessor.size=(64,64)',
+        'train_dataloader.batch_size=2',
+        'train_dataloader.dataset.pipeline.2.scale=(64,64)',
+        'train_dataloader.dataset.pipeline.3.crop_size=(64,64)',
+        f'train_cfg.max_iters={max_iters}',
+        f'train_cfg.val_interval={max_iters}',
+        'default_hooks.logger.interval=1',
+    ]
+    for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        options += [
+            f'{loader}.dataset.data_root={ade_root}',
+            f'{loader}.num_workers=0',
+            f'{loader}.persistent_workers=False',
+        ]
+    for loader in ('val_dataloader', 'test_dataloader'):
+        options.append(f'{loader}.dataset.pipeline.1.scale=(64,64)')
+    return options

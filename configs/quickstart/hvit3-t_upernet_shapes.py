@@ -51,7 +51,7 @@ test_dataloader = val_dataloader
 
 # fp32: mmengine's AMP wrapper needs a GPU
 optim_wrapper = dict(type='OptimWrapper', optimizer=dict(lr=5e-4))
-max_iters = 300
+max_iters = 200
 train_cfg = dict(max_iters=max_iters, val_interval=100)
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0,
