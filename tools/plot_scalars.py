@@ -36,12 +36,11 @@ def read_scalars(work_dir):
                     if name in NOT_PLOTTED or not isinstance(
                             value, (int, float)):
                         continue
-                    if is_train and name.startswith(('loss', 'decode.',
-                                                     'aux.')):
-                        if 'loss' in name:
-                            losses[name].append((record['step'], value))
-                    elif not is_train:
-                        metrics[name].append((record['step'], value))
+                    if not is_train:
+                        if value >= 0:  # COCO's -1: no objects of that size
+                            metrics[name].append((record['step'], value))
+                    elif 'loss' in name:  # not the accuracies logged with them
+                        losses[name].append((record['step'], value))
     return losses, metrics
 
 
