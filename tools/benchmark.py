@@ -1,0 +1,374 @@
+"""Latency and peak memory of the H-ViT3-T and Swin-T backbones versus input size.
+
+    python tools/benchmark.py [--devices cpu cuda] [--sizes 512x512 ...]
+        [--train-sizes 512x512 ...] [--train-batch 2] [--repeats 5]
+        [--threads N] [--out-dir benchmarks]
+
+Three backbones are built in one process, as the detection configs build
+them (``configs/mask_rcnn/mask-rcnn_hvit3-t_fpn_1x_coco.py`` and mmdet's
+``swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py``, no pretrained weights):
+H-ViT3-T on its fast TTT path, the same weights on the plain path of the
+spec (the oracle), and mmdet's Swin-T. For each device, mode and size they
+run interleaved, round after round (the order reversed every other round),
+so that a machine shared with other work slows all of them alike; medians
+are reported, with ratios to Swin-T and to the plain path.
+
+- inference: batch 1, ``torch.no_grad()``, eval mode;
+- train: a training step, forward + backward of the summed output means, at
+  ``--train-batch`` images, train mode (drop path and BatchNorm as trained).
+
+Time: wall clock on the CPU; CUDA events on a GPU. Peak memory: on a GPU,
+``torch.cuda.max_memory_allocated`` above what was allocated before the run;
+on a CPU (Linux), the peak resident set size above the one before the run
+(``/proc/self/status`` VmHWM after resetting it through
+``/proc/self/clear_refs``), with glibc told to return every block of 128 KiB
+or more to the system at once, so that the peak counts this run's tensors
+and not memory freed by an earlier one.
+
+Writes ``results.json`` and ``benchmark.png`` into ``--out-dir`` and prints
+the tables as Markdown.
+"""
+import argparse
+import copy
+import ctypes
+import gc
+import json
+import os
+import os.path as osp
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Tuple
+
+import torch
+import torch.nn as nn
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+HVIT3_CONFIG = osp.join(ROOT, 'configs', 'mask_rcnn',
+                        'mask-rcnn_hvit3-t_fpn_1x_coco.py')
+SWIN_CONFIG = 'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py'
+MODELS = ('hvit3-t', 'hvit3-t-plain', 'swin-t')
+DEFAULT_SIZES = ('512x512', '1024x1024', '800x1216', '2048x2048')
+DEFAULT_TRAIN_SIZES = {
+    'cpu': ('512x512', '1024x1024'),
+    'cuda': DEFAULT_SIZES,
+}
+
+
+def parse_size(text: str) -> Tuple[int, int]:
+    height, _, width = text.partition('x')
+    return int(height), int(width or height)
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument(
+        '--devices', nargs='+', choices=['cpu', 'cuda'],
+        help='default: cpu, and cuda when a GPU is present')
+    parser.add_argument(
+        '--sizes', nargs='+', default=list(DEFAULT_SIZES),
+        help='inference input sizes, HxW')
+    parser.add_argument(
+        '--train-sizes', nargs='+',
+        help='training-step input sizes, HxW (default: 512x512 1024x1024 on '
+        'a CPU, the inference sizes on a GPU)')
+    parser.add_argument('--train-batch', type=int, default=2)
+    parser.add_argument(
+        '--modes', nargs='+', choices=['inference', 'train'],
+        default=['inference', 'train'])
+    parser.add_argument(
+        '--models', nargs='+', choices=MODELS, default=list(MODELS))
+    parser.add_argument(
+        '--repeats', type=int, default=5, help='timed rounds per point')
+    parser.add_argument(
+        '--threads', type=int, help='CPU threads (default: torch default)')
+    parser.add_argument('--out-dir', default='benchmarks')
+    return parser.parse_args()
+
+
+def build_backbones(names) -> Dict[str, nn.Module]:
+    from mmengine.config import Config
+    from mmengine.hub import get_config
+    from mmengine.registry import init_default_scope
+    import mmvit3  # noqa: F401  (registers HViT3)
+    from mmdet.registry import MODELS as MMDET_MODELS
+    from mmvit3.models.hvit3 import TTT
+    init_default_scope('mmdet')
+    torch.manual_seed(0)
+    configs = {
+        'hvit3-t': Config.fromfile(HVIT3_CONFIG).model.backbone,
+        'swin-t': get_config(SWIN_CONFIG).model.backbone,
+    }
+    backbones = {}
+    for name in ('hvit3-t', 'swin-t'):
+        cfg = copy.deepcopy(configs[name])
+        cfg.init_cfg = None
+        backbones[name] = MMDET_MODELS.build(cfg)
+    plain = copy.deepcopy(backbones['hvit3-t'])
+    TTT.set_impl(plain, 'plain')
+    backbones['hvit3-t-plain'] = plain
+    return {name: backbones[name] for name in names}
+
+
+class CpuPeakMemory:
+    """Peak resident memory of a run, above the resident memory before it."""
+
+    available = sys.platform.startswith('linux')
+
+    def __init__(self):
+        if self.available:
+            libc = ctypes.CDLL('libc.so.6')
+            # M_MMAP_THRESHOLD (-3): fixed, so that freed tensors leave the
+            # process instead of a heap the next run would reuse unseen
+            libc.mallopt(-3, 128 * 1024)
+            self.libc = libc
+
+    @staticmethod
+    def _status_kib(key: str) -> int:
+        with open('/proc/self/status') as status:
+            for line in status:
+                if line.startswith(key):
+                    return int(line.split()[1])
+        raise KeyError(key)
+
+    def start(self):
+        if not self.available:
+            return
+        gc.collect()
+        self.libc.malloc_trim(0)
+        with open('/proc/self/clear_refs', 'w') as refs:
+            refs.write('5')  # resets VmHWM to the current VmRSS
+        self.base = self._status_kib('VmRSS')
+
+    def stop(self) -> float:
+        """MiB; NaN where not measurable."""
+        if not self.available:
+            return float('nan')
+        return (self._status_kib('VmHWM') - self.base) / 1024
+
+
+def timed_run(fn: Callable[[], None], device: str,
+              cpu_memory: CpuPeakMemory) -> Tuple[float, float]:
+    """(milliseconds, peak MiB) of one call of ``fn``."""
+    if device == 'cuda':
+        torch.cuda.synchronize()
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        return start.elapsed_time(end), peak
+    cpu_memory.start()
+    begin = time.perf_counter()
+    fn()
+    elapsed = (time.perf_counter() - begin) * 1000
+    return elapsed, cpu_memory.stop()
+
+
+def make_step(model: nn.Module, mode: str, image: torch.Tensor):
+    if mode == 'inference':
+        model.eval()
+
+        def step():
+            with torch.no_grad():
+                model(image)
+    else:
+        model.train()
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            sum(out.mean() for out in model(image)).backward()
+            model.zero_grad(set_to_none=True)
+    return step
+
+
+def measure(backbones: Dict[str, nn.Module], device: str, mode: str,
+            size: Tuple[int, int], batch: int, repeats: int,
+            cpu_memory: CpuPeakMemory) -> Dict[str, Dict[str, float]]:
+    image = torch.randn(batch, 3, *size, device=device)
+    steps = {
+        name: make_step(model, mode, image)
+        for name, model in backbones.items()
+    }
+    names = list(steps)
+    for name in names:  # warm-up: allocator, kernels, RoPE tables
+        timed_run(steps[name], device, cpu_memory)
+    samples = {name: [] for name in names}
+    for round_index in range(repeats):
+        order = names if round_index % 2 == 0 else names[::-1]
+        for name in order:
+            samples[name].append(timed_run(steps[name], device, cpu_memory))
+    return {
+        name: dict(
+            ms=statistics.median(t for t, _ in runs),
+            peak_mib=statistics.median(m for _, m in runs),
+            ms_runs=[t for t, _ in runs])
+        for name, runs in samples.items()
+    }
+
+
+def machine_info(threads: int) -> Dict[str, str]:
+    cpu = platform.processor() or platform.machine()
+    if osp.exists('/proc/cpuinfo'):
+        with open('/proc/cpuinfo') as info:
+            names = [
+                line.split(':', 1)[1].strip() for line in info
+                if line.startswith('model name')
+            ]
+        if names:
+            cpu = names[0]
+    info = dict(
+        cpu=cpu,
+        cpu_count=str(os.cpu_count()),
+        torch_threads=str(threads),
+        torch=torch.__version__,
+        python=platform.python_version())
+    if torch.cuda.is_available():
+        info['gpu'] = torch.cuda.get_device_name()
+        info['cuda'] = torch.version.cuda or ''
+    return info
+
+
+def ratio(numerator: float, denominator: float) -> str:
+    if denominator and denominator == denominator and numerator == numerator:
+        return f'{numerator / denominator:.2f}'
+    return 'n/a'
+
+
+def markdown_tables(results: List[dict], names) -> str:
+    lines = []
+    for device in dict.fromkeys(r['device'] for r in results):
+        for mode in dict.fromkeys(r['mode'] for r in results):
+            rows = [r for r in results
+                    if r['device'] == device and r['mode'] == mode]
+            if not rows:
+                continue
+            lines.append(f'\n### {device}, {mode} (batch {rows[0]["batch"]})'
+                         '\n')
+            header = ['size'] + [f'{n} ms' for n in names]
+            header += ['H/Swin time', 'H/plain time']
+            header += [f'{n} MiB' for n in names]
+            header += ['H/Swin mem', 'H/plain mem']
+            lines.append('| ' + ' | '.join(header) + ' |')
+            lines.append('|' + ' --- |' * len(header))
+            for row in rows:
+                stats = row['models']
+
+                def get(name, key):
+                    return stats[name][key] if name in stats else float(
+                        'nan')
+
+                cells = ['x'.join(map(str, row['size']))]
+                cells += [f"{get(n, 'ms'):.0f}" for n in names]
+                cells += [
+                    ratio(get('hvit3-t', 'ms'), get('swin-t', 'ms')),
+                    ratio(get('hvit3-t', 'ms'), get('hvit3-t-plain', 'ms'))
+                ]
+                cells += [f"{get(n, 'peak_mib'):.0f}" for n in names]
+                cells += [
+                    ratio(get('hvit3-t', 'peak_mib'), get('swin-t',
+                                                          'peak_mib')),
+                    ratio(
+                        get('hvit3-t', 'peak_mib'),
+                        get('hvit3-t-plain', 'peak_mib'))
+                ]
+                lines.append('| ' + ' | '.join(cells) + ' |')
+            scaling = {tuple(r['size']): r['models'].get('hvit3-t')
+                       for r in rows}
+            small, large = scaling.get((1024, 1024)), scaling.get((2048, 2048))
+            if small and large:
+                lines.append(
+                    f'\nH-ViT3-T time(2048x2048) / time(1024x1024): '
+                    f"{large['ms'] / small['ms']:.2f} (4 pixels for 1)")
+    return '\n'.join(lines)
+
+
+def plot(results: List[dict], names, path: str):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    modes = list(dict.fromkeys(r['mode'] for r in results))
+    fig, axes = plt.subplots(
+        2, len(modes), figsize=(6 * len(modes), 9), squeeze=False)
+    styles = {'cpu': '-', 'cuda': '--'}
+    colours = dict(zip(MODELS, ('tab:red', 'tab:orange', 'tab:blue')))
+    for column, mode in enumerate(modes):
+        for device in dict.fromkeys(r['device'] for r in results):
+            rows = sorted((r for r in results
+                           if r['mode'] == mode and r['device'] == device),
+                          key=lambda r: r['size'][0] * r['size'][1])
+            pixels = [r['size'][0] * r['size'][1] / 1e6 for r in rows]
+            for name in names:
+                label = f'{name} ({device})'
+                for row_index, key in enumerate(('ms', 'peak_mib')):
+                    values = [r['models'][name][key] for r in rows]
+                    axes[row_index][column].plot(
+                        pixels, values, styles[device], marker='o',
+                        color=colours[name], label=label)
+        for row_index, unit in enumerate(('time (ms)', 'peak memory (MiB)')):
+            axis = axes[row_index][column]
+            axis.set_xscale('log')
+            axis.set_yscale('log')
+            axis.set_xlabel('megapixels per image')
+            axis.set_ylabel(unit)
+            axis.set_title(f'{mode}: {unit.split(" (")[0]}')
+            axis.grid(True, which='both', alpha=0.3)
+            axis.legend(fontsize=8)
+    fig.suptitle('H-ViT3-T (fast and plain TTT) vs Swin-T backbones')
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main():
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    devices = args.devices or (['cpu', 'cuda']
+                               if torch.cuda.is_available() else ['cpu'])
+    if 'cuda' in devices and not torch.cuda.is_available():
+        raise SystemExit('--devices cuda: no GPU is visible to torch')
+    backbones = build_backbones(args.models)
+    cpu_memory = CpuPeakMemory()
+    info = machine_info(torch.get_num_threads())
+    print('machine: ' + ', '.join(f'{k} {v}' for k, v in info.items()),
+          flush=True)
+    results = []
+    for device in devices:
+        for model in backbones.values():
+            model.to(device)
+        for mode in args.modes:
+            if mode == 'inference':
+                sizes, batch = args.sizes, 1
+            else:
+                sizes = args.train_sizes or DEFAULT_TRAIN_SIZES[device]
+                batch = args.train_batch
+            for size in map(parse_size, sizes):
+                stats = measure(backbones, device, mode, size, batch,
+                                args.repeats, cpu_memory)
+                results.append(
+                    dict(device=device, mode=mode, size=size, batch=batch,
+                         models=stats))
+                summary = ', '.join(
+                    f"{name} {s['ms']:.0f} ms {s['peak_mib']:.0f} MiB"
+                    for name, s in stats.items())
+                print(f'{device} {mode} {size[0]}x{size[1]}: {summary}',
+                      flush=True)
+        for model in backbones.values():
+            model.to('cpu')
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(osp.join(args.out_dir, 'results.json'), 'w') as out:
+        json.dump(dict(machine=info, argv=sys.argv[1:], results=results),
+                  out, indent=1)
+    plot(results, list(backbones), osp.join(args.out_dir, 'benchmark.png'))
+    print(markdown_tables(results, list(backbones)))
+
+
+if __name__ == '__main__':
+    main()
