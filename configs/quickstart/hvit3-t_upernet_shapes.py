@@ -51,8 +51,8 @@ test_dataloader = val_dataloader
 
 # fp32: mmengine's AMP wrapper needs a GPU
 optim_wrapper = dict(type='OptimWrapper', optimizer=dict(lr=5e-4))
-max_iters = 200
-train_cfg = dict(max_iters=max_iters, val_interval=100)
+max_iters = 800
+train_cfg = dict(max_iters=max_iters, val_interval=200)
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0,
          end=20),
@@ -61,4 +61,4 @@ param_scheduler = [
 ]
 default_hooks = dict(
     logger=dict(interval=10),
-    checkpoint=dict(interval=100, max_keep_ckpts=2))
+    checkpoint=dict(interval=200, max_keep_ckpts=2))
