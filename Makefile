@@ -12,6 +12,10 @@ $(STAMP): requirements.txt pyproject.toml tools/setup_env.sh
 	bash tools/setup_env.sh $(VENV) $(WHEELHOUSE)
 	touch $@
 
+# Idle OpenMP threads that spin make the multi-process tests (and any run on
+# a shared CPU) several times slower; passive waiting costs nothing here.
+export OMP_WAIT_POLICY ?= PASSIVE
+
 # The whole suite, end-to-end tool runs included.
 test: setup
 	$(PY) -m pytest tests $(PYTEST_ARGS)

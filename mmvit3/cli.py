@@ -12,7 +12,7 @@ import torch
 from mmengine.config import Config, ConfigDict, DictAction
 from mmengine.runner import Runner
 
-from .utils import check_data_paths, enable_mmengine_checkpoint_loading
+from .utils import check_data_paths
 
 TOOLBOXES = ('mmdet', 'mmseg')
 
@@ -70,7 +70,6 @@ def load_config(args) -> Config:
 
 
 def build_runner(cfg: Config) -> Runner:
-    enable_mmengine_checkpoint_loading()
     if (cfg.launcher == 'pytorch' and not torch.cuda.is_available()
             and not torch.distributed.is_initialized()):
         # mmengine's init_dist selects a CUDA device first, which fails on a

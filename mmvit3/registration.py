@@ -8,6 +8,7 @@ import importlib
 
 from .fileio import register_atomic_local_backend
 from .models import HViT3
+from .utils import enable_mmengine_checkpoint_loading
 
 TOOLBOXES = ('mmdet', 'mmseg')
 
@@ -25,6 +26,8 @@ def register_all() -> list:
         registered.append(toolbox)
     register_timm_models()
     register_atomic_local_backend()  # checkpoints are never left half-written
+    if registered:  # runners and inferencers resume / load their checkpoints
+        enable_mmengine_checkpoint_loading()
     return registered
 
 

@@ -12,7 +12,6 @@ from PIL import Image
 from conftest import (QUICKSTART_DET, QUICKSTART_SEG, REPO,
                       quickstart_det_options, quickstart_seg_options, run_tool)
 from mmvit3.shapes import SEG_CLASSES, SHAPES
-from mmvit3.utils import enable_mmengine_checkpoint_loading
 
 
 def _train_one_iteration(config, options, work_dir):
@@ -45,7 +44,6 @@ def _val_image(shapes_data):
 @pytest.mark.slow
 def test_det_inferencer(shapes_data, det_checkpoint, tmp_path):
     from mmdet.apis import DetInferencer
-    enable_mmengine_checkpoint_loading()
     inferencer = DetInferencer(
         QUICKSTART_DET, det_checkpoint, device='cpu', show_progress=False)
     assert inferencer.model.dataset_meta['classes'] == SHAPES
@@ -62,7 +60,6 @@ def test_det_inferencer(shapes_data, det_checkpoint, tmp_path):
 @pytest.mark.slow
 def test_seg_inferencer(shapes_data, seg_checkpoint, tmp_path):
     from mmseg.apis import MMSegInferencer
-    enable_mmengine_checkpoint_loading()
     inferencer = MMSegInferencer(QUICKSTART_SEG, seg_checkpoint, device='cpu')
     assert tuple(inferencer.model.dataset_meta['classes']) == SEG_CLASSES
     image = _val_image(shapes_data)

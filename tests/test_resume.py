@@ -15,7 +15,6 @@ import mmvit3  # noqa: F401  (registers the atomic local backend)
 from conftest import QUICKSTART_SEG, REPO, quickstart_seg_options, run_tool
 from mmvit3.fileio import AtomicLocalBackend
 from mmvit3.shapes import make_shapes_dataset
-from mmvit3.utils import enable_mmengine_checkpoint_loading
 
 MAX_ITERS = 4
 
@@ -92,7 +91,6 @@ def test_killed_run_resumes_with_its_counters_and_states(tmp_path):
     assert f'Iter(train) [{stopped_at}/{MAX_ITERS}]' not in log
     assert 'mIoU' in log
 
-    enable_mmengine_checkpoint_loading()
     final = torch.load(osp.join(work_dir, f'iter_{MAX_ITERS}.pth'),
                        map_location='cpu')
     assert final['meta']['iter'] == MAX_ITERS

@@ -12,7 +12,7 @@ import os.path as osp
 
 from mmengine.config import Config
 
-from mmvit3.utils import enable_mmengine_checkpoint_loading
+import mmvit3  # noqa: F401  (registers HViT3; mmengine checkpoints load)
 
 
 def main():
@@ -30,7 +30,6 @@ def main():
     for path in (args.image, args.config, args.checkpoint):
         if not osp.isfile(path):
             raise SystemExit(f'{path}: no such file')
-    enable_mmengine_checkpoint_loading()
     scope = Config.fromfile(args.config).get('default_scope')
     if scope == 'mmdet':
         from mmdet.apis import DetInferencer
