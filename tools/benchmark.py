@@ -1,4 +1,4 @@
-"""Latency and peak memory of the H-ViT3-T and Swin-T backbones versus input size.
+"""Latency and peak memory of H-ViT3-T and Swin-T backbones versus input size.
 
     python tools/benchmark.py [--devices cpu cuda] [--sizes 512x512 ...]
         [--train-sizes 512x512 ...] [--train-batch 2] [--repeats 5]
@@ -24,6 +24,10 @@ on a CPU (Linux), the peak resident set size above the one before the run
 ``/proc/self/clear_refs``), with glibc told to return every block of 128 KiB
 or more to the system at once, so that the peak counts this run's tensors
 and not memory freed by an earlier one.
+
+With ``--ttt-layers``, the 17 TTT layers of H-ViT3-T alone (the part the
+fast path replaces, qkv and output projections included) are also timed,
+fast against plain, each layer on random tokens of its stage's size.
 
 Writes ``results.json`` and ``benchmark.png`` into ``--out-dir`` and prints
 the tables as Markdown.
@@ -83,6 +87,9 @@ def parse_args():
         '--repeats', type=int, default=5, help='timed rounds per point')
     parser.add_argument(
         '--threads', type=int, help='CPU threads (default: torch default)')
+    parser.add_argument(
+        '--ttt-layers', action='store_true',
+        help='also time the TTT layers alone, fast against plain')
     parser.add_argument('--out-dir', default='benchmarks')
     return parser.parse_args()
 
@@ -109,6 +116,47 @@ def build_backbones(names) -> Dict[str, nn.Module]:
     TTT.set_impl(plain, 'plain')
     backbones['hvit3-t-plain'] = plain
     return {name: backbones[name] for name in names}
+
+
+class TTTLayerStack(nn.Module):
+    """The TTT layers of H-ViT3-T, each applied to random tokens of its
+    stage's map size (standing in for its block's LayerNorm-ed input)."""
+
+    def __init__(self, impl: str):
+        super().__init__()
+        from mmvit3.models.hvit3 import ARCH_SETTINGS, TTT
+        torch.manual_seed(0)
+        arch = ARCH_SETTINGS['tiny']
+        self.dims = arch['dims']
+        self.stages = nn.ModuleList(
+            nn.ModuleList(TTT(dim, impl=impl) for _ in range(depth))
+            for dim, depth in zip(self.dims, arch['depths']))
+        self.tokens = {}
+
+    def _stage_inputs(self, image: torch.Tensor):
+        # made in the (untimed) warm-up call of each size and mode
+        key = (tuple(image.shape), image.device, torch.is_grad_enabled())
+        if key not in self.tokens:
+            self.tokens = {}
+            batch, _, height, width = image.shape
+            height, width = -(-height // 4), -(-width // 4)
+            inputs = []
+            for stage, dim in enumerate(self.dims):
+                if stage:
+                    height, width = -(-height // 2), -(-width // 2)
+                tokens = torch.randn(
+                    batch, height * width, dim, device=image.device,
+                    requires_grad=torch.is_grad_enabled())
+                inputs.append((tokens, height, width))
+            self.tokens[key] = inputs
+        return self.tokens[key]
+
+    def forward(self, image: torch.Tensor):
+        return [
+            layer(tokens, height, width)
+            for layers, (tokens, height, width) in zip(
+                self.stages, self._stage_inputs(image)) for layer in layers
+        ]
 
 
 class CpuPeakMemory:
@@ -289,10 +337,28 @@ def markdown_tables(results: List[dict], names) -> str:
     return '\n'.join(lines)
 
 
+def layer_tables(results: List[dict]) -> str:
+    lines = ['\n### TTT layers of H-ViT3-T alone, fast vs plain\n',
+             '| device | mode | size | batch | fast ms | plain ms | '
+             'plain/fast time | fast MiB | plain MiB | fast/plain mem |',
+             '|' + ' --- |' * 10]
+    for row in results:
+        fast, plain = row['models']['ttt-fast'], row['models']['ttt-plain']
+        lines.append(
+            f"| {row['device']} | {row['mode']} | "
+            f"{row['size'][0]}x{row['size'][1]} | {row['batch']} | "
+            f"{fast['ms']:.0f} | {plain['ms']:.0f} | "
+            f"{ratio(plain['ms'], fast['ms'])} | {fast['peak_mib']:.0f} | "
+            f"{plain['peak_mib']:.0f} | "
+            f"{ratio(fast['peak_mib'], plain['peak_mib'])} |")
+    return '\n'.join(lines)
+
+
 def plot(results: List[dict], names, path: str):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     modes = list(dict.fromkeys(r['mode'] for r in results))
     fig, axes = plt.subplots(
         2, len(modes), figsize=(6 * len(modes), 9), squeeze=False)
@@ -315,6 +381,7 @@ def plot(results: List[dict], names, path: str):
             axis = axes[row_index][column]
             axis.set_xscale('log')
             axis.set_yscale('log')
+            axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             axis.set_xlabel('megapixels per image')
             axis.set_ylabel(unit)
             axis.set_title(f'{mode}: {unit.split(" (")[0]}')
@@ -335,39 +402,53 @@ def main():
     if 'cuda' in devices and not torch.cuda.is_available():
         raise SystemExit('--devices cuda: no GPU is visible to torch')
     backbones = build_backbones(args.models)
+    suites = {'backbone': backbones}
+    if args.ttt_layers:
+        suites['ttt-layers'] = {
+            'ttt-fast': TTTLayerStack('fast'),
+            'ttt-plain': TTTLayerStack('plain')
+        }
+        suites['ttt-layers']['ttt-plain'].load_state_dict(
+            suites['ttt-layers']['ttt-fast'].state_dict())
     cpu_memory = CpuPeakMemory()
     info = machine_info(torch.get_num_threads())
     print('machine: ' + ', '.join(f'{k} {v}' for k, v in info.items()),
           flush=True)
     results = []
     for device in devices:
-        for model in backbones.values():
-            model.to(device)
         for mode in args.modes:
             if mode == 'inference':
                 sizes, batch = args.sizes, 1
             else:
                 sizes = args.train_sizes or DEFAULT_TRAIN_SIZES[device]
                 batch = args.train_batch
-            for size in map(parse_size, sizes):
-                stats = measure(backbones, device, mode, size, batch,
-                                args.repeats, cpu_memory)
-                results.append(
-                    dict(device=device, mode=mode, size=size, batch=batch,
-                         models=stats))
-                summary = ', '.join(
-                    f"{name} {s['ms']:.0f} ms {s['peak_mib']:.0f} MiB"
-                    for name, s in stats.items())
-                print(f'{device} {mode} {size[0]}x{size[1]}: {summary}',
-                      flush=True)
-        for model in backbones.values():
-            model.to('cpu')
+            for kind, models in suites.items():
+                for model in models.values():
+                    model.to(device)
+                for size in map(parse_size, sizes):
+                    stats = measure(models, device, mode, size, batch,
+                                    args.repeats, cpu_memory)
+                    results.append(
+                        dict(kind=kind, device=device, mode=mode, size=size,
+                             batch=batch, models=stats))
+                    summary = ', '.join(
+                        f"{name} {s['ms']:.0f} ms {s['peak_mib']:.0f} MiB"
+                        for name, s in stats.items())
+                    print(f'{device} {mode} {size[0]}x{size[1]}: {summary}',
+                          flush=True)
+                for model in models.values():
+                    model.to('cpu')
     os.makedirs(args.out_dir, exist_ok=True)
     with open(osp.join(args.out_dir, 'results.json'), 'w') as out:
         json.dump(dict(machine=info, argv=sys.argv[1:], results=results),
                   out, indent=1)
-    plot(results, list(backbones), osp.join(args.out_dir, 'benchmark.png'))
-    print(markdown_tables(results, list(backbones)))
+    backbone_results = [r for r in results if r['kind'] == 'backbone']
+    plot(backbone_results, list(backbones),
+         osp.join(args.out_dir, 'benchmark.png'))
+    print(markdown_tables(backbone_results, list(backbones)))
+    layer_results = [r for r in results if r['kind'] == 'ttt-layers']
+    if layer_results:
+        print(layer_tables(layer_results))
 
 
 if __name__ == '__main__':

@@ -175,7 +175,7 @@ class TTT(nn.Module):
 
     @classmethod
     def set_impl(cls, model: nn.Module, impl: str) -> int:
-        """Switch every TTT layer in ``model`` to ``impl``; returns how many."""
+        """Switch every TTT layer in ``model`` to ``impl``; return how many."""
         cls._check_impl(impl)
         layers = [m for m in model.modules() if isinstance(m, cls)]
         for layer in layers:

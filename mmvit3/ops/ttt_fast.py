@@ -7,11 +7,11 @@ speed and memory:
   its input (the ``qkv`` projection) and the tiny inner weights; backward
   recomputes the rest and applies hand-derived gradients, second-order
   terms of the inner step included.
-- The SwiGLU branch runs over token chunks sized to stay in cache, so its
-  dozen elementwise intermediates never travel through main memory (on a
-  CPU they, not the matmuls, set the speed). Its two inner matmuls run as
-  one against ``[w1 | w2]``, and RoPE is one complex multiplication with a
-  per-size table.
+- The SwiGLU branch runs over token chunks, so its dozen elementwise
+  intermediates exist for a few thousand tokens at a time, never for the
+  whole map (on a CPU the memory traffic of such maps, not the matmuls,
+  sets the speed). Its two inner matmuls run as one against ``[w1 | w2]``,
+  and RoPE is one complex multiplication with a per-size table.
 - The depthwise branch computes all per-image kernel gradients and all
   per-image convolutions as single grouped convolutions (one group per image
   and channel) on channels-last maps.
@@ -25,10 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-# Elements (tokens x channels) per chunk of the SwiGLU branch. Its dozen
-# intermediates then stay in cache, while each op still gets enough work
-# that a few chunks, not hundreds, pay the per-op overhead (which dominates
-# on a CPU shared with other processes). GPUs want few, large chunks.
+# Elements (tokens x channels) per chunk of the SwiGLU branch: its
+# intermediates stay a few MiB, while each op still gets enough work that a
+# few chunks, not hundreds, pay the per-op overhead (on a CPU shared with
+# other processes, the thread synchronisation of each op, not its
+# arithmetic, sets the time of small ops). GPUs want few, large chunks.
 CPU_CHUNK_ELEMENTS = 1 << 20
 GPU_CHUNK_ELEMENTS = 1 << 24
 
@@ -57,7 +58,7 @@ def _rope_table(height: int, width: int, channels: int, device: torch.device,
 def rope_table(height: int, width: int, channels: int, device: torch.device,
                dtype: torch.dtype = torch.complex64,
                base: float = 10000.0) -> torch.Tensor:
-    """Unit complex numbers (H*W, C/2) that rotate the channel pairs of RoPE."""
+    """Unit complex numbers (H*W, C/2) rotating RoPE's channel pairs."""
     if channels % 4:
         raise ValueError(f'RoPE needs channels divisible by 4, got {channels}')
     return _rope_table(height, width, channels, torch.device(device), dtype,
@@ -70,7 +71,7 @@ def _pairs(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _head_pairs(x: torch.Tensor) -> torch.Tensor:
-    """(B, h, T, d) real -> (B, T, h, d/2) complex view of its channel pairs."""
+    """(B, h, T, d) real -> (B, T, h, d/2) complex view of channel pairs."""
     return torch.view_as_complex(x.unflatten(-1, (-1, 2))).transpose(1, 2)
 
 
@@ -109,12 +110,13 @@ def _to_heads(tokens: torch.Tensor, heads: int,
 
 
 def _heads_view(tokens: torch.Tensor, heads: int) -> torch.Tensor:
-    """(B, T, C) -> strided (B*h, T, d) view when possible, for writing."""
+    """(B, T, C) -> (B, h, T, d) strided view."""
     return tokens.unflatten(-1, (heads, -1)).transpose(1, 2)
 
 
 def _chunks(num_tokens: int, channels: int, device: torch.device):
-    budget = GPU_CHUNK_ELEMENTS if device.type == 'cuda' else CPU_CHUNK_ELEMENTS
+    cuda = device.type == 'cuda'
+    budget = GPU_CHUNK_ELEMENTS if cuda else CPU_CHUNK_ELEMENTS
     step = max(1, budget // channels)
     return [(start, min(start + step, num_tokens))
             for start in range(0, num_tokens, step)]
@@ -308,14 +310,13 @@ def _swiglu_backward(q, k, v, w_cat, table, layout, scale, dtype, grad_out,
 def _depthwise_forward(q, k, v, w3, layout, scale, dtype, out):
     """Inner step of the depthwise branch; writes its output into ``out``."""
     batch, height, width = layout.batch, layout.height, layout.width
+    shared_kernels = w3.to(dtype).repeat(batch, 1, 1, 1)
     k_map = _grouped_map(k, height, width, dtype)
     v_map = _grouped_map(v, height, width, dtype)
-    _, grad = _depthwise_backward(v_map, k_map, w3.to(dtype).repeat(batch, 1,
-                                                                    1, 1),
-                                  False, True)
+    _, grad = _depthwise_backward(v_map, k_map, shared_kernels, False, True)
     grad = grad * (-scale / (height * width))
     clipped, norm = _clip(grad, (-2, -1))
-    kernels = w3.to(dtype).repeat(batch, 1, 1, 1) - clipped
+    kernels = shared_kernels - clipped
     _write_tokens(
         out, _depthwise_conv(_grouped_map(q, height, width, dtype), kernels))
     return grad, norm, kernels
