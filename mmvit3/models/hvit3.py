@@ -49,7 +49,9 @@ class DropPath(nn.Module):
 
 
 def tokens_to_map(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    return x.transpose(1, 2).reshape(x.shape[0], -1, height, width)
+    # A channels-last view even at batch 1, so oneDNN's depthwise convs take
+    # their fast NHWC path (transpose + reshape gave batch stride C there).
+    return x.view(x.shape[0], height, width, -1).permute(0, 3, 1, 2)
 
 
 def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
