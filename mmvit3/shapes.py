@@ -1,11 +1,11 @@
 """A deterministic synthetic dataset of shapes in the COCO and ADE20K layouts.
 
 Each image has a textured background and a few shapes (circle, square,
-triangle, star) of varied size, colour and texture that may occlude each
-other; the annotations describe the visible parts only. A shape never hides
-more than half of an earlier one, so that every annotated instance still
-shows what it is. The same images are written in
-the two layouts the real datasets use:
+triangle, star) of varied size and colour, each class with its own family of
+surface textures, that may occlude each other; the annotations describe the
+visible parts only. A shape never hides more than half of an earlier one, so
+that every annotated instance still shows what it is. The same images are
+written in the two layouts the real datasets use:
 
 - ``coco/{train,val}/*.jpg`` and ``coco/annotations/instances_{train,val}.json``
   (instance masks as compressed RLE, boxes in xywh);
@@ -73,6 +73,33 @@ def _shape_colour(rng: np.random.Generator) -> np.ndarray:
     return 40 + 215 * channels * rng.uniform(0.7, 1.0)
 
 
+def _surface(kind: str, rng: np.random.Generator, cx: float, cy: float,
+             height: int, width: int) -> np.ndarray:
+    """The (H, W, 1) surface pattern of a shape, around its colour.
+
+    Each class has its own family of patterns (period, orientation and
+    contrast are random), as real categories have their own surfaces:
+    circles rings, squares checks, triangles spots, stars speckle. None of
+    them is the background's straight stripes.
+    """
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    angle = rng.uniform(0, math.pi)
+    u = (xs - cx) * math.cos(angle) + (ys - cy) * math.sin(angle)
+    v = (ys - cy) * math.cos(angle) - (xs - cx) * math.sin(angle)
+    freq = 2 * math.pi / rng.uniform(4, 7)  # a period of 4 to 7 pixels
+    if kind == 'circle':
+        pattern = np.sin(freq * np.hypot(u, v))
+    elif kind == 'square':
+        pattern = np.sign(np.sin(freq * u) * np.sin(freq * v))
+    elif kind == 'triangle':
+        pattern = (np.cos(freq * u) * np.cos(freq * v) > 0.5) * 2.0 - 1
+    else:
+        pattern = rng.choice([-1.0, 1.0], size=(height, width))
+    amplitude = rng.uniform(20, 40)
+    return (amplitude * pattern + rng.normal(0, 6, size=(height, width)))[
+        ..., None]
+
+
 def render_image(seed: int, height: int, width: int,
                  max_shapes: int = 3) -> Tuple[np.ndarray, List[dict]]:
     """One image and its visible instances ``{'label', 'mask'}``."""
@@ -100,9 +127,7 @@ def render_image(seed: int, height: int, width: int,
                 break
         else:
             continue
-        stripes = np.sin(rng.uniform(0.2, 0.8) * np.arange(width))[None, :]
-        texture = (rng.uniform(0, 25) * stripes)[..., None] + rng.normal(
-            0, 10, size=(height, width, 1))
+        texture = _surface(SHAPES[label], rng, cx, cy, height, width)
         image[mask] = np.clip(_shape_colour(rng) + texture[mask], 0, 255)
         for earlier in instances:  # the new shape occludes earlier ones
             earlier['mask'] &= ~mask

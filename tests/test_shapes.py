@@ -1,6 +1,7 @@
 """The shapes generator: both layouts, valid COCO annotations, determinism."""
 import filecmp
 import hashlib
+import itertools
 import json
 import os
 import os.path as osp
@@ -118,10 +119,20 @@ def test_images_show_several_shapes_with_occlusion(tmp_path):
     assert {a['category_id'] for a in annotations} == {1, 2, 3, 4}
     areas = [a['area'] for a in annotations]
     assert max(areas) > 4 * min(areas), 'no scale variety'
-    # a visible mask smaller than its box's share for the shape means
-    # something in front of it
-    fill = [a['area'] / (a['bbox'][2] * a['bbox'][3]) for a in annotations]
-    assert min(fill) < 0.3
+    # shapes whose boxes overlap by much: one hides part of the other
+    by_image = {}
+    for a in annotations:
+        by_image.setdefault(a['image_id'], []).append(a['bbox'])
+    assert max(
+        _box_overlap(a, b) for boxes in by_image.values()
+        for a, b in itertools.combinations(boxes, 2)) > 0.25
+
+
+def _box_overlap(a, b) -> float:
+    """Intersection of two xywh boxes over the smaller one's area."""
+    width = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
+    height = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
+    return max(width, 0) * max(height, 0) / min(a[2] * a[3], b[2] * b[3])
 
 
 def test_cli_writes_the_dataset(tmp_path):

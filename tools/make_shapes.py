@@ -13,10 +13,10 @@ from mmvit3.shapes import make_shapes_dataset
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('out_dir', nargs='?', default='data/shapes')
-    parser.add_argument('--num-train', type=int, default=400)
+    parser.add_argument('--num-train', type=int, default=1000)
     parser.add_argument('--num-val', type=int, default=50)
     parser.add_argument(
-        '--size', type=int, nargs=2, default=(96, 96), metavar=('H', 'W'))
+        '--size', type=int, nargs=2, default=(64, 64), metavar=('H', 'W'))
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument(
         '--max-shapes', type=int, default=3, help='shapes per image, at most')
