@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import mmvit3.ops.ttt_fast as ttt_fast
+from conftest import backbone_outputs_and_grads
 from mmvit3.models import HViT3
 from mmvit3.models.hvit3 import TTT
 from mmvit3.ops import fast_ttt
@@ -109,13 +110,8 @@ def test_whole_backbone_fast_equals_plain():
     results = []
     for impl in ('plain', 'fast'):
         assert TTT.set_impl(model, impl) == 3
-        model.zero_grad(set_to_none=True)
-        outs = model(image)
-        sum((out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype)
-             .view_as(out)).sum() for out in outs).backward()
-        results.append(([o.detach() for o in outs],
-                        [p.grad.clone() for p in model.parameters()]))
-    for plain, fast in zip(*[outs + grads for outs, grads in results]):
+        results.append(backbone_outputs_and_grads(model, image))
+    for plain, fast in zip(*results):
         torch.testing.assert_close(fast, plain, rtol=1e-9, atol=1e-11)
 
 

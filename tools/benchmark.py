@@ -21,9 +21,11 @@ Time: wall clock on the CPU; CUDA events on a GPU. Peak memory: on a GPU,
 ``torch.cuda.max_memory_allocated`` above what was allocated before the run;
 on a CPU (Linux), the peak resident set size above the one before the run
 (``/proc/self/status`` VmHWM after resetting it through
-``/proc/self/clear_refs``), with glibc told to return every block of 128 KiB
-or more to the system at once, so that the peak counts this run's tensors
-and not memory freed by an earlier one.
+``/proc/self/clear_refs``), in one extra run per point with glibc told to
+return every block of 128 KiB or more to the system at once, so that the
+peak counts live tensors, not memory freed earlier or heap fragmentation.
+The timed runs leave glibc as a long-running process has it: blocks of up
+to 32 MiB (where its dynamic mmap threshold stops growing) are reused.
 
 With ``--ttt-layers``, the 17 TTT layers of H-ViT3-T alone (the part the
 fast path replaces, qkv and output projections included) are also timed,
@@ -100,7 +102,7 @@ def build_backbones(names) -> Dict[str, nn.Module]:
     from mmengine.registry import init_default_scope
     import mmvit3  # noqa: F401  (registers HViT3)
     from mmdet.registry import MODELS as MMDET_MODELS
-    from mmvit3.models.hvit3 import TTT
+    from mmvit3.models.hvit3 import TTT, Mlp
     init_default_scope('mmdet')
     torch.manual_seed(0)
     configs = {
@@ -114,6 +116,7 @@ def build_backbones(names) -> Dict[str, nn.Module]:
         backbones[name] = MMDET_MODELS.build(cfg)
     plain = copy.deepcopy(backbones['hvit3-t'])
     TTT.set_impl(plain, 'plain')
+    Mlp.set_impl(plain, 'plain')
     backbones['hvit3-t-plain'] = plain
     return {name: backbones[name] for name in names}
 
@@ -166,11 +169,13 @@ class CpuPeakMemory:
 
     def __init__(self):
         if self.available:
-            libc = ctypes.CDLL('libc.so.6')
-            # M_MMAP_THRESHOLD (-3): fixed, so that freed tensors leave the
-            # process instead of a heap the next run would reuse unseen
-            libc.mallopt(-3, 128 * 1024)
-            self.libc = libc
+            self.libc = ctypes.CDLL('libc.so.6')
+
+    def exact(self, on: bool):
+        """Whether freed blocks of 128 KiB or more leave the process at once
+        (M_MMAP_THRESHOLD); off: up to 32 MiB stay for reuse."""
+        if self.available:
+            self.libc.mallopt(-3, 128 * 1024 if on else 32 * 2**20)
 
     @staticmethod
     def _status_kib(key: str) -> int:
@@ -236,29 +241,37 @@ def make_step(model: nn.Module, mode: str, image: torch.Tensor):
     return step
 
 
-def measure(backbones: Dict[str, nn.Module], device: str, mode: str,
-            size: Tuple[int, int], batch: int, repeats: int,
-            cpu_memory: CpuPeakMemory) -> Dict[str, Dict[str, float]]:
+def make_steps(backbones: Dict[str, nn.Module], device: str, mode: str,
+               size: Tuple[int, int], batch: int) -> Dict[str, Callable]:
     image = torch.randn(batch, 3, *size, device=device)
-    steps = {
-        name: make_step(model, mode, image)
+    return {
+        name: make_step(model.to(device), mode, image)
         for name, model in backbones.items()
     }
+
+
+def peak_memory(steps: Dict[str, Callable], device: str,
+                cpu_memory: CpuPeakMemory) -> Dict[str, float]:
+    """MiB of one run of each step, after a warm-up run."""
+    peaks = {}
+    for name, step in steps.items():
+        timed_run(step, device, cpu_memory)
+        peaks[name] = timed_run(step, device, cpu_memory)[1]
+    return peaks
+
+
+def run_times(steps: Dict[str, Callable], device: str, repeats: int,
+              cpu_memory: CpuPeakMemory) -> Dict[str, List[float]]:
+    """Milliseconds of interleaved runs, the order reversed every other
+    round, after a warm-up run of each step."""
     names = list(steps)
     for name in names:  # warm-up: allocator, kernels, RoPE tables
         timed_run(steps[name], device, cpu_memory)
-    samples = {name: [] for name in names}
+    times = {name: [] for name in names}
     for round_index in range(repeats):
-        order = names if round_index % 2 == 0 else names[::-1]
-        for name in order:
-            samples[name].append(timed_run(steps[name], device, cpu_memory))
-    return {
-        name: dict(
-            ms=statistics.median(t for t, _ in runs),
-            peak_mib=statistics.median(m for _, m in runs),
-            ms_runs=[t for t, _ in runs])
-        for name, runs in samples.items()
-    }
+        for name in names if round_index % 2 == 0 else names[::-1]:
+            times[name].append(timed_run(steps[name], device, cpu_memory)[0])
+    return times
 
 
 def machine_info(threads: int) -> Dict[str, str]:
@@ -414,7 +427,7 @@ def main():
     info = machine_info(torch.get_num_threads())
     print('machine: ' + ', '.join(f'{k} {v}' for k, v in info.items()),
           flush=True)
-    results = []
+    points = []
     for device in devices:
         for mode in args.modes:
             if mode == 'inference':
@@ -422,22 +435,38 @@ def main():
             else:
                 sizes = args.train_sizes or DEFAULT_TRAIN_SIZES[device]
                 batch = args.train_batch
-            for kind, models in suites.items():
-                for model in models.values():
-                    model.to(device)
-                for size in map(parse_size, sizes):
-                    stats = measure(models, device, mode, size, batch,
-                                    args.repeats, cpu_memory)
-                    results.append(
-                        dict(kind=kind, device=device, mode=mode, size=size,
-                             batch=batch, models=stats))
-                    summary = ', '.join(
-                        f"{name} {s['ms']:.0f} ms {s['peak_mib']:.0f} MiB"
-                        for name, s in stats.items())
-                    print(f'{device} {mode} {size[0]}x{size[1]}: {summary}',
-                          flush=True)
-                for model in models.values():
-                    model.to('cpu')
+            points += [
+                dict(kind=kind, device=device, mode=mode, size=size,
+                     batch=batch) for kind in suites
+                for size in map(parse_size, sizes)
+            ]
+
+    def steps(point):
+        return make_steps(suites[point['kind']], point['device'],
+                          point['mode'], point['size'], point['batch'])
+
+    # All peaks first, while no timed run has left freed tensors in the
+    # heap; then all times, with the allocator as users have it.
+    cpu_memory.exact(True)
+    peaks = [peak_memory(steps(p), p['device'], cpu_memory) for p in points]
+    cpu_memory.exact(False)
+    results = []
+    for point, peak in zip(points, peaks):
+        times = run_times(steps(point), point['device'], args.repeats,
+                          cpu_memory)
+        stats = {
+            name: dict(
+                ms=statistics.median(times[name]),
+                peak_mib=peak[name],
+                ms_runs=times[name])
+            for name in times
+        }
+        results.append(dict(point, models=stats))
+        summary = ', '.join(f"{name} {s['ms']:.0f} ms {s['peak_mib']:.0f} MiB"
+                            for name, s in stats.items())
+        size = point['size']
+        print(f"{point['device']} {point['mode']} {size[0]}x{size[1]}: "
+              f'{summary}', flush=True)
     os.makedirs(args.out_dir, exist_ok=True)
     with open(osp.join(args.out_dir, 'results.json'), 'w') as out:
         json.dump(dict(machine=info, argv=sys.argv[1:], results=results),

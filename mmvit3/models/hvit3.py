@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from mmengine.model import BaseModule
 
-from ..ops import depthwise_ttt, fast_ttt, rope_2d, swiglu_ttt
+from ..ops import depthwise_ttt, fast_ttt, fused_mlp, rope_2d, swiglu_ttt
 
 HEAD_DIM = 32
 # Loss scale of both inner branches: 9 ** -0.5 (three taps per side).
@@ -130,7 +130,30 @@ class Downsample(nn.Module):
         return self.conv(pad_to_multiple(x, 2))
 
 
-class TTT(nn.Module):
+class _Switchable:
+    """A ``'fast'`` / ``'plain'`` implementation switch (``self.impl``)."""
+
+    IMPLS = ('fast', 'plain')
+
+    @classmethod
+    def _check_impl(cls, impl: str) -> str:
+        if impl not in cls.IMPLS:
+            raise ValueError(f'{cls.__name__} impl must be one of '
+                             f'{cls.IMPLS}, got {impl!r}')
+        return impl
+
+    @classmethod
+    def set_impl(cls, model: nn.Module, impl: str) -> int:
+        """Switch every ``cls`` layer in ``model`` to ``impl``; return how
+        many."""
+        cls._check_impl(impl)
+        layers = [m for m in model.modules() if isinstance(m, cls)]
+        for layer in layers:
+            layer.impl = impl
+        return len(layers)
+
+
+class TTT(_Switchable, nn.Module):
     """Test-time-training token mixer (the ``attn`` of each block).
 
     Two inner models learn from the keys/values of the whole image in one
@@ -146,8 +169,6 @@ class TTT(nn.Module):
             in torch ops (:mod:`mmvit3.ops.ttt`), the reference the fast path
             is tested against, and what FLOP counters trace.
     """
-
-    IMPLS = ('fast', 'plain')
 
     def __init__(self, dim: int, head_dim: int = HEAD_DIM, impl: str = 'fast'):
         super().__init__()
@@ -167,22 +188,6 @@ class TTT(nn.Module):
         self.proj = nn.Linear(dim + head_dim, dim)
         for weight in (self.w1, self.w2, self.w3):
             nn.init.trunc_normal_(weight, std=.02)
-
-    @classmethod
-    def _check_impl(cls, impl: str) -> str:
-        if impl not in cls.IMPLS:
-            raise ValueError(f'TTT impl must be one of {cls.IMPLS}, got '
-                             f'{impl!r}')
-        return impl
-
-    @classmethod
-    def set_impl(cls, model: nn.Module, impl: str) -> int:
-        """Switch every TTT layer in ``model`` to ``impl``; return how many."""
-        cls._check_impl(impl)
-        layers = [m for m in model.modules() if isinstance(m, cls)]
-        for layer in layers:
-            layer.impl = impl
-        return len(layers)
 
     def extra_repr(self):
         return f'dim={self.dim}, heads={self.num_heads}, impl={self.impl!r}'
@@ -227,18 +232,36 @@ class DepthwiseConv(nn.Conv2d):
         return map_to_tokens(super().forward(tokens_to_map(x, height, width)))
 
 
-class Mlp(nn.Module):
-    """fc1 -> GELU -> (+ depthwise conv) -> GELU -> fc2."""
+class Mlp(_Switchable, nn.Module):
+    """fc1 -> GELU -> (+ depthwise conv) -> GELU -> fc2.
 
-    def __init__(self, dim: int, ratio: int = 4):
+    Args:
+        impl: ``'fast'`` (default): :func:`mmvit3.ops.fused_mlp`, which
+            saves ``x`` and ``fc1(x)`` for backward where autograd saves four
+            4C-channel maps, and at inference works in place on two maps;
+            ``'plain'``: torch ops throughout. Tracing always takes the plain
+            ops.
+    """
+
+    def __init__(self, dim: int, ratio: int = 4, impl: str = 'fast'):
         super().__init__()
         hidden = ratio * dim
+        self.impl = self._check_impl(impl)
         self.fc1 = nn.Linear(dim, hidden)
         self.dwc = DepthwiseConv(hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
 
+    def extra_repr(self):
+        return f'impl={self.impl!r}'
+
     def forward(self, x, height: int, width: int):
+        # Tracers (FLOP counters, ONNX export) cannot look inside the
+        # autograd.Function.
+        if self.impl == 'fast' and not torch.jit.is_tracing():
+            return fused_mlp(x, self.fc1.weight, self.fc1.bias,
+                             self.dwc.weight, self.dwc.bias, self.fc2.weight,
+                             self.fc2.bias, height, width)
         x = self.act(self.fc1(x))
         x = self.act(x + self.dwc(x, height, width))
         return self.fc2(x)

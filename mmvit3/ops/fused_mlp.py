@@ -1,0 +1,160 @@
+"""The H-ViT3 block MLP as one memory-lean ``autograd.Function``.
+
+``y = fc2(GELU(s))``, ``s = h + dwc(h)``, ``h = GELU(a)``, ``a = fc1(x)``,
+where ``dwc`` is a 3x3 depthwise conv over the (B, 4C, H, W) map of ``h``.
+Torch autograd saves four 4C-channel maps for it (``a``, ``h``, ``s``,
+``GELU(s)``) besides ``x``; this function saves ``x`` and ``a`` only (or
+only ``x`` with ``recompute_fc1=True``) and recomputes the rest in backward.
+
+On one CPU thread saving ``a`` keeps autograd's speed: the depthwise conv
+and GELUs it recomputes cost about what autograd spends on allocating and
+re-reading the maps it saves. Recomputing ``fc1`` as well saves another 4C
+map but costs one more matmul (5-10 % slower fwd+bwd).
+"""
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+
+def _as_map(tokens: torch.Tensor, batch: int, height: int,
+            width: int) -> torch.Tensor:
+    # Channels-last view, as ``tokens_to_map``: oneDNN's fast NHWC path.
+    return tokens.view(batch, height, width, -1).permute(0, 3, 1, 2)
+
+
+def _as_tokens(maps: torch.Tensor) -> torch.Tensor:
+    # A view when ``maps`` is channels-last (convs keep their input's format).
+    return maps.permute(0, 2, 3, 1).reshape(-1, maps.shape[1])
+
+
+def _dwc_sum(h, dwc_weight, dwc_bias, batch, height, width):
+    """``s = h + dwc(h)`` on (B*N, 4C) tokens, in dwc's fresh output."""
+    d = F.conv2d(_as_map(h, batch, height, width), dwc_weight, dwc_bias,
+                 padding=1, groups=h.shape[1])
+    return _as_tokens(d).add_(h)
+
+
+def _gelu_backward_(grad: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    # grad * GELU'(pre), GELU'(z) = Phi(z) + z * phi(z) (exact erf form), by
+    # aten's fused kernel, written over ``grad`` (fresh maps cost page
+    # faults on a CPU).
+    return torch.ops.aten.gelu_backward.grad_input(grad, pre,
+                                                   grad_input=grad)
+
+
+def _forward(x, fc1_weight, fc1_bias, dwc_weight, dwc_bias, fc2_weight,
+             fc2_bias, height, width, keep_a: bool):
+    """``(y, a)``; ``a`` is None unless ``keep_a``. Each other map is freed
+    (or overwritten in place) once used."""
+    x2d = x.reshape(-1, x.shape[-1])
+    a = torch.addmm(fc1_bias, x2d, fc1_weight.t())
+    h = F.gelu(a) if keep_a else torch.ops.aten.gelu_(a)
+    s = _dwc_sum(h, dwc_weight, dwc_bias, x.shape[0], height, width)
+    del h
+    y = torch.addmm(fc2_bias, torch.ops.aten.gelu_(s), fc2_weight.t())
+    return y.view(*x.shape[:-1], -1), a if keep_a else None
+
+
+class FusedMlp(torch.autograd.Function):
+    """Saves ``x`` (and ``a`` unless ``recompute_fc1``) and the weights."""
+
+    @staticmethod
+    def forward(ctx, x, fc1_weight, fc1_bias, dwc_weight, dwc_bias,
+                fc2_weight, fc2_bias, height, width, recompute_fc1):
+        y, a = _forward(x, fc1_weight, fc1_bias, dwc_weight, dwc_bias,
+                        fc2_weight, fc2_bias, height, width,
+                        keep_a=not recompute_fc1)
+        ctx.save_for_backward(x, fc1_weight, fc1_bias, dwc_weight, dwc_bias,
+                              fc2_weight, a)
+        ctx.size = height, width
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        x, fc1_weight, fc1_bias, dwc_weight, dwc_bias, fc2_weight, a = \
+            ctx.saved_tensors
+        height, width = ctx.size
+        need = ctx.needs_input_grad
+        batch, hidden = x.shape[0], fc1_weight.shape[0]
+        x2d = x.reshape(-1, x.shape[-1])
+        grad_y = grad_y.reshape(-1, grad_y.shape[-1])
+        grads = [None] * 10
+        # Same dtype as forward: autocast, if any, acted before the function.
+        with torch.autocast(x.device.type, enabled=False):
+            if a is None:
+                a = torch.addmm(fc1_bias, x2d, fc1_weight.t())
+            h = F.gelu(a)
+            s = _dwc_sum(h, dwc_weight, dwc_bias, batch, height, width)
+            grad_s = None
+            if any(need[:5]):
+                grad_s = _gelu_backward_(grad_y.mm(fc2_weight), s)
+            if need[5]:
+                grads[5] = grad_y.t().mm(torch.ops.aten.gelu_(s))
+            del s
+            if need[6]:
+                grads[6] = grad_y.sum(0)
+            if grad_s is None:
+                return tuple(grads)
+            grad_h, grads[3], grads[4] = torch.ops.aten.convolution_backward(
+                _as_map(grad_s, batch, height, width),
+                _as_map(h, batch, height, width), dwc_weight, [hidden],
+                [1, 1], [1, 1], [1, 1], False, [0, 0], hidden,
+                [any(need[:3]), need[3], need[4]])
+            del h
+            if any(need[:3]):
+                # h feeds both the dwc and the sum s; then the first GELU.
+                grad_a = _gelu_backward_(_as_tokens(grad_h).add_(grad_s), a)
+                del grad_h, grad_s
+                if need[0]:
+                    grads[0] = grad_a.mm(fc1_weight).view_as(x)
+                if need[1]:
+                    grads[1] = grad_a.t().mm(x2d)
+                if need[2]:
+                    grads[2] = grad_a.sum(0)
+        return tuple(grads)
+
+
+def fused_mlp(x: torch.Tensor,
+              fc1_weight: torch.Tensor,
+              fc1_bias: torch.Tensor,
+              dwc_weight: torch.Tensor,
+              dwc_bias: torch.Tensor,
+              fc2_weight: torch.Tensor,
+              fc2_bias: torch.Tensor,
+              height: int,
+              width: int,
+              recompute_fc1: bool = False) -> torch.Tensor:
+    """``fc2(GELU(h + dwc(h)))``, ``h = GELU(fc1(x))``, memory-lean.
+
+    Args:
+        x: (B, H*W, C) tokens in row-major map order.
+        fc1_weight, fc1_bias: (4C, C), (4C,); dwc_weight, dwc_bias:
+            (4C, 1, 3, 3), (4C,) (3x3 depthwise, padding 1);
+            fc2_weight, fc2_bias: (C, 4C), (C,).
+        recompute_fc1: save only ``x`` for backward, not also ``fc1(x)``:
+            a quarter of the memory, one more matmul.
+    Returns:
+        (B, H*W, C). Under autocast all inputs are cast to the autocast
+        dtype first, as ``nn.Linear`` / ``nn.Conv2d`` would compute. Only
+        first derivatives are supported (``once_differentiable``).
+    """
+    if x.dim() != 3 or x.shape[1] != height * width:
+        raise ValueError(f'x must be (B, {height}*{width}, C), got '
+                         f'{tuple(x.shape)}')
+    hidden = fc1_weight.shape[0]
+    if (tuple(fc1_weight.shape) != (hidden, x.shape[2])
+            or tuple(dwc_weight.shape) != (hidden, 1, 3, 3)
+            or tuple(fc2_weight.shape[1:]) != (hidden, )):
+        raise ValueError('fused_mlp: weight shapes do not match x')
+    args = [x, fc1_weight, fc1_bias, dwc_weight, dwc_bias, fc2_weight,
+            fc2_bias]
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        # Autocast's own rule: float64 is left alone.
+        dtype = torch.get_autocast_dtype(device)
+        args = [t if t.dtype == torch.float64 else t.to(dtype) for t in args]
+    with torch.autocast(device, enabled=False):
+        if torch.is_grad_enabled() and any(t.requires_grad for t in args):
+            return FusedMlp.apply(*args, height, width, recompute_fc1)
+        return _forward(*args, height, width, keep_a=False)[0]

@@ -1,0 +1,39 @@
+"""tools/benchmark.py end to end at toy sizes: tables, plot, raw results."""
+import json
+import os.path as osp
+import re
+
+import pytest
+
+from conftest import run_tool
+
+
+@pytest.mark.slow
+def test_benchmark_writes_ratios_plot_and_results(tmp_path):
+    out_dir = tmp_path / 'bench'
+    result = run_tool('tools/benchmark.py', '--threads', '1', '--sizes',
+                      '64x64', '96x64', '--train-sizes', '128x128',
+                      '--repeats', '2', '--ttt-layers', '--out-dir',
+                      str(out_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    # one row per size, with both ratios filled in
+    rows = re.findall(r'^\| (\d+x\d+) \|(.*)\|$', result.stdout, re.M)
+    assert [size for size, _ in rows] == ['64x64', '96x64', '128x128']
+    for _, cells in rows:
+        assert 'n/a' not in cells and 'nan' not in cells
+    assert 'TTT layers of H-ViT3-T alone' in result.stdout
+    assert osp.getsize(out_dir / 'benchmark.png') > 10_000
+
+    with open(out_dir / 'results.json') as f:
+        results = json.load(f)['results']
+    kinds = {(r['kind'], r['mode']) for r in results}
+    assert kinds == {('backbone', 'inference'), ('backbone', 'train'),
+                     ('ttt-layers', 'inference'), ('ttt-layers', 'train')}
+    for row in results:
+        for stats in row['models'].values():
+            assert len(stats['ms_runs']) == 2 and stats['ms'] > 0
+    train = next(r for r in results
+                 if r['kind'] == 'backbone' and r['mode'] == 'train')
+    # the fast path saves less for backward than the plain one
+    assert (train['models']['hvit3-t']['peak_mib'] <
+            train['models']['hvit3-t-plain']['peak_mib'])
