@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny generated dataset in the COCO and ADE20K layouts,
 an ImageNet checkpoint in the published layout, and the ``--cfg-options``
 that shrink the published configs onto them."""
+import importlib.util
 import os
 import os.path as osp
 import subprocess
@@ -114,6 +115,15 @@ def seg_options(ade_root: str, checkpoint: str, eval_loader: str) -> List[str]:
             f'{loader}.dataset.metainfo.classes={classes}',
         ]
     return options
+
+
+def load_tool(name: str):
+    """``tools/NAME.py`` as a module (tools/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(
+        name, osp.join(REPO, 'tools', f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_tool(*args, cwd=REPO, timeout=600) -> subprocess.CompletedProcess:

@@ -15,10 +15,10 @@ from mmengine.optim import build_optim_wrapper
 from mmengine.registry import init_default_scope
 
 import mmvit3  # noqa: F401  (registers HViT3)
+from conftest import REPO
 from mmvit3.shapes import SHAPES, make_shapes_dataset
 from mmvit3.testing import write_published_checkpoint
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 SMALL_SCALE = (96, 64)
 SMALL_CROP = (64, 64)
 

@@ -1,23 +1,14 @@
 """tools/get_flops.py: mmengine's FLOP count, TTT inner step included."""
-import importlib.util
 import os.path as osp
 
 import pytest
 import torch
 from mmengine.analysis import FlopAnalyzer
 
+from conftest import REPO, load_tool
 from mmvit3.models import HViT3
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 HEAD_DIM = 32
-
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location(
-        'get_flops', osp.join(REPO, 'tools', 'get_flops.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def inner_step_flops(dims, depths, height, width):
@@ -69,7 +60,7 @@ def test_reproduces_published_figures(config, published_gflops,
     """Published: 1280 x 800 (Mask R-CNN), 512 x 2048 (UperNet); params
     rounded as published (0.1 M; 1 M above 100 M)."""
     from mmengine.config import Config
-    tool = load_tool()
+    tool = load_tool('get_flops')
     result = tool.complexity(Config.fromfile(osp.join(REPO, 'configs',
                                                       config)))
     assert result['flops'] / 1e9 == pytest.approx(published_gflops, rel=0.02)

@@ -5,7 +5,7 @@ import torch
 
 from conftest import backbone_outputs_and_grads
 from mmvit3.models import HViT3
-from mmvit3.models.hvit3 import Mlp
+from mmvit3.models.hvit3 import TTT, Mlp, set_impl
 from mmvit3.ops import fused_mlp
 from mmvit3.ops.fused_mlp import FusedMlp
 
@@ -246,3 +246,12 @@ def test_checks():
     with pytest.raises(ValueError, match='impl'):
         Mlp.set_impl(mlp, 'compiled')
     assert "impl='plain'" in repr(Mlp(4, impl='plain'))
+
+
+def test_set_impl_switches_ttt_layers_and_mlps_together():
+    model = HViT3(dict(dims=(32, 64), depths=(1, 1)), out_indices=(0, 1))
+    assert set_impl(model, 'plain') == 4
+    assert {m.impl for m in model.modules()
+            if isinstance(m, (TTT, Mlp))} == {'plain'}
+    with pytest.raises(ValueError, match='impl'):
+        set_impl(model, 'compiled')

@@ -1,5 +1,4 @@
 """tools/export_onnx.py: onnxruntime matches PyTorch, at any H and W."""
-import importlib.util
 import os.path as osp
 
 import numpy as np
@@ -13,20 +12,12 @@ from mmengine.registry import init_default_scope
 from mmseg.registry import MODELS
 
 import mmvit3  # noqa: F401  (registers HViT3)
+from conftest import REPO, load_tool
 from mmvit3.models import HViT3
 from mmvit3.models.checkpoint import load_pretrained
 from mmvit3.testing import write_published_checkpoint
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 ATOL, RTOL = 1e-4, 1e-3
-
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location(
-        'export_onnx', osp.join(REPO, 'tools', 'export_onnx.py'))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
 
 
 def session(path: str):
@@ -54,7 +45,7 @@ def assert_parity(session, module, sizes):
 
 
 def test_trace_size_takes_every_padding_branch():
-    tool = load_tool()
+    tool = load_tool('export_onnx')
     assert tool.trace_size(64, 3) == 65  # stem 65 -> 17, then 9, 5: all odd
     assert tool.trace_size(224, 3) == 225  # 57, 29, 15
     assert not tool.pads_at_every_step(64, 3)  # the stem does not pad
@@ -67,7 +58,7 @@ def test_backbone_dynamic_hw_matches_pytorch(tmp_path, capsys):
     checkpoint = str(tmp_path / 'hvit3_tiny.pth')
     write_published_checkpoint(checkpoint, 'tiny', seed=5, with_ema=False)
     out = str(tmp_path / 'hvit3-t.onnx')
-    tool = load_tool()
+    tool = load_tool('export_onnx')
     assert tool.main([
         '--arch', 'tiny', '--checkpoint', checkpoint, '--out', out,
         '--shape', '64', '96'
@@ -107,7 +98,9 @@ def export_segmentor(tmp_path, config, shape, static=False):
         '--config', osp.join(REPO, 'configs', config), '--checkpoint',
         checkpoint, '--whole', '--out', out, '--shape', *map(str, shape)
     ]
-    assert load_tool().main(args + (['--static'] if static else [])) == 0
+    if static:
+        args.append('--static')
+    assert load_tool('export_onnx').main(args) == 0
     return model, out
 
 
@@ -116,7 +109,7 @@ def test_whole_segmentor_dynamic_hw(tmp_path):
     """SegFormer's MLP head keeps every size dynamic."""
     config = 'segformer/segformer_hvit3-t_8xb2-160k_ade20k-512x512.py'
     model, out = export_segmentor(tmp_path, config, (64, 64))
-    tool = load_tool()
+    tool = load_tool('export_onnx')
     scores = tool.SegmentorScores(model).eval()
     exported = session(out)
     worst = assert_parity(exported, scores, [(64, 64), (80, 48), (57, 71)])
@@ -130,7 +123,7 @@ def test_whole_segmentor_static_when_head_fixes_sizes(tmp_path):
     """Semantic FPN's upsampling computes sizes in Python: one fixed size."""
     config = 'sem_fpn/fpn_hvit3-t_8xb4-40k_ade20k-512x512.py'
     model, out = export_segmentor(tmp_path, config, (64, 96), static=True)
-    tool = load_tool()
+    tool = load_tool('export_onnx')
     worst = assert_parity(
         session(out), tool.SegmentorScores(model).eval(), [(64, 96)])
     dims = onnx.load(out).graph.input[0].type.tensor_type.shape.dim
@@ -139,7 +132,7 @@ def test_whole_segmentor_static_when_head_fixes_sizes(tmp_path):
 
 
 def test_whole_detector_is_refused():
-    tool = load_tool()
+    tool = load_tool('export_onnx')
     config = osp.join(REPO, 'configs', 'retinanet',
                       'retinanet_hvit3-t_fpn_1x_coco.py')
     with pytest.raises(SystemExit, match='segmentors only'):

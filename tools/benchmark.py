@@ -102,7 +102,7 @@ def build_backbones(names) -> Dict[str, nn.Module]:
     from mmengine.registry import init_default_scope
     import mmvit3  # noqa: F401  (registers HViT3)
     from mmdet.registry import MODELS as MMDET_MODELS
-    from mmvit3.models.hvit3 import TTT, Mlp
+    from mmvit3.models.hvit3 import set_impl
     init_default_scope('mmdet')
     torch.manual_seed(0)
     configs = {
@@ -115,8 +115,7 @@ def build_backbones(names) -> Dict[str, nn.Module]:
         cfg.init_cfg = None
         backbones[name] = MMDET_MODELS.build(cfg)
     plain = copy.deepcopy(backbones['hvit3-t'])
-    TTT.set_impl(plain, 'plain')
-    Mlp.set_impl(plain, 'plain')
+    set_impl(plain, 'plain')
     backbones['hvit3-t-plain'] = plain
     return {name: backbones[name] for name in names}
 

@@ -21,7 +21,6 @@ and compared with PyTorch (at three sizes, or at the static one); the
 command fails if they differ by more than ``--atol`` + ``--rtol`` * |torch|.
 """
 import argparse
-import copy
 import importlib
 import itertools
 import sys
@@ -36,7 +35,6 @@ from torch.onnx import symbolic_helper, symbolic_opset9
 
 from mmvit3.models import HViT3
 from mmvit3.models.checkpoint import load_pretrained
-from mmvit3.models.hvit3 import TTT
 
 OPSET = 17
 TOOLBOXES = ('mmdet', 'mmseg')
@@ -175,9 +173,9 @@ def _convolution(g, input, weight, bias, stride, padding, dilation,
 
 def export(module: nn.Module, out: str, example: torch.Tensor,
            output_names: List[str], dynamic: bool) -> None:
-    traceable = copy.deepcopy(module).eval()
-    # the fast TTT path is one autograd.Function; the plain one is torch ops
-    TTT.set_impl(traceable, 'plain')
+    # Under tracing the TTT layers and MLPs take their plain path (torch
+    # ops): the fused autograd functions cannot be exported.
+    module.eval()
     dynamic_axes = None
     if dynamic:
         dynamic_axes = {'image': {2: 'height', 3: 'width'}}
@@ -197,7 +195,7 @@ def export(module: nn.Module, out: str, example: torch.Tensor,
             warnings.filterwarnings('ignore', 'Constant folding',
                                     UserWarning)
             torch.onnx.export(
-                traceable, (example, ),
+                module, (example, ),
                 out,
                 dynamo=False,
                 opset_version=OPSET,

@@ -5,9 +5,10 @@
 
 FLOPs are mmengine's (fvcore's) count: one multiply-add is one FLOP; convs,
 linear layers, matmuls, norms and upsampling are counted, other elementwise
-ops are not. The TTT layers are traced on their plain path
-(``TTT.set_impl(model, 'plain')``) so that the inner step's matmuls and
-convolutions are counted; the fast path computes the same products.
+ops are not. Under tracing the TTT layers and MLPs take their plain path
+(torch ops, not the fused autograd functions), so that the inner step's
+matmuls and convolutions are counted; the fast path computes the same
+products.
 
 As in the published tables (and mmdet 2.x's ``forward_dummy``), a two-stage
 detector is counted with 1000 proposals through the box head and the first
@@ -80,7 +81,6 @@ class _Counted(nn.Module):
 def build(cfg: Config) -> Tuple[nn.Module, str]:
     """The model of ``cfg`` (no weights loaded) and its toolbox."""
     import mmvit3  # noqa: F401  (registers HViT3)
-    from mmvit3.models.hvit3 import TTT
     scope = cfg.get('default_scope')
     if scope not in DEFAULT_SHAPES:
         raise ValueError(f'default_scope is {scope!r}: get_flops.py counts '
@@ -90,9 +90,7 @@ def build(cfg: Config) -> Tuple[nn.Module, str]:
     model = registry.build(cfg.model)
     if scope == 'mmseg' and getattr(model, 'auxiliary_head', None):
         model.auxiliary_head = None
-    model = revert_sync_batchnorm(model).eval()
-    TTT.set_impl(model, 'plain')
-    return model, scope
+    return revert_sync_batchnorm(model).eval(), scope
 
 
 def complexity(cfg: Config, shape: Sequence[int] = None) -> Dict:

@@ -14,6 +14,7 @@ import torch.utils.checkpoint as cp
 from mmengine.model import BaseModule
 
 from ..ops import depthwise_ttt, fast_ttt, fused_mlp, rope_2d, swiglu_ttt
+from ..ops.depthwise import tokens_as_map
 
 HEAD_DIM = 32
 # Loss scale of both inner branches: 9 ** -0.5 (three taps per side).
@@ -49,9 +50,7 @@ class DropPath(nn.Module):
 
 
 def tokens_to_map(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    # A channels-last view even at batch 1, so oneDNN's depthwise convs take
-    # their fast NHWC path (transpose + reshape gave batch stride C there).
-    return x.view(x.shape[0], height, width, -1).permute(0, 3, 1, 2)
+    return tokens_as_map(x, x.shape[0], height, width)
 
 
 def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
@@ -138,8 +137,8 @@ class _Switchable:
     @classmethod
     def _check_impl(cls, impl: str) -> str:
         if impl not in cls.IMPLS:
-            raise ValueError(f'{cls.__name__} impl must be one of '
-                             f'{cls.IMPLS}, got {impl!r}')
+            raise ValueError(f'impl must be one of {cls.IMPLS}, got '
+                             f'{impl!r}')
         return impl
 
     @classmethod
@@ -151,6 +150,12 @@ class _Switchable:
         for layer in layers:
             layer.impl = impl
         return len(layers)
+
+
+def set_impl(model: nn.Module, impl: str) -> int:
+    """Switch every TTT layer and MLP in ``model`` to ``impl`` ('fast' or
+    'plain'); return how many."""
+    return _Switchable.set_impl(model, impl)
 
 
 class TTT(_Switchable, nn.Module):

@@ -15,11 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-
-def _as_map(tokens: torch.Tensor, batch: int, height: int,
-            width: int) -> torch.Tensor:
-    # Channels-last view, as ``tokens_to_map``: oneDNN's fast NHWC path.
-    return tokens.view(batch, height, width, -1).permute(0, 3, 1, 2)
+from .depthwise import (depthwise_conv3x3, depthwise_conv3x3_backward,
+                        tokens_as_map)
 
 
 def _as_tokens(maps: torch.Tensor) -> torch.Tensor:
@@ -29,8 +26,8 @@ def _as_tokens(maps: torch.Tensor) -> torch.Tensor:
 
 def _dwc_sum(h, dwc_weight, dwc_bias, batch, height, width):
     """``s = h + dwc(h)`` on (B*N, 4C) tokens, in dwc's fresh output."""
-    d = F.conv2d(_as_map(h, batch, height, width), dwc_weight, dwc_bias,
-                 padding=1, groups=h.shape[1])
+    d = depthwise_conv3x3(tokens_as_map(h, batch, height, width), dwc_weight,
+                          dwc_bias)
     return _as_tokens(d).add_(h)
 
 
@@ -76,7 +73,7 @@ class FusedMlp(torch.autograd.Function):
             ctx.saved_tensors
         height, width = ctx.size
         need = ctx.needs_input_grad
-        batch, hidden = x.shape[0], fc1_weight.shape[0]
+        batch = x.shape[0]
         x2d = x.reshape(-1, x.shape[-1])
         grad_y = grad_y.reshape(-1, grad_y.shape[-1])
         grads = [None] * 10
@@ -96,11 +93,10 @@ class FusedMlp(torch.autograd.Function):
                 grads[6] = grad_y.sum(0)
             if grad_s is None:
                 return tuple(grads)
-            grad_h, grads[3], grads[4] = torch.ops.aten.convolution_backward(
-                _as_map(grad_s, batch, height, width),
-                _as_map(h, batch, height, width), dwc_weight, [hidden],
-                [1, 1], [1, 1], [1, 1], False, [0, 0], hidden,
-                [any(need[:3]), need[3], need[4]])
+            grad_h, grads[3], grads[4] = depthwise_conv3x3_backward(
+                tokens_as_map(grad_s, batch, height, width),
+                tokens_as_map(h, batch, height, width), dwc_weight,
+                any(need[:3]), need[3], need[4])
             del h
             if any(need[:3]):
                 # h feeds both the dwc and the sum s; then the first GELU.

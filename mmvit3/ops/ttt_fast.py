@@ -22,8 +22,9 @@ from functools import lru_cache
 from typing import Tuple
 
 import torch
-import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+
+from .depthwise import depthwise_conv3x3, depthwise_conv3x3_backward
 
 # Elements (tokens x channels) per chunk of the SwiGLU branch: its
 # intermediates stay a few MiB, while each op still gets enough work that a
@@ -167,22 +168,6 @@ def _write_tokens(dest: torch.Tensor, grouped: torch.Tensor):
                                             channels).transpose(0, 1))
 
 
-def _depthwise_conv(maps: torch.Tensor, kernels: torch.Tensor):
-    return F.conv2d(maps, kernels, padding=1, groups=maps.shape[1])
-
-
-def _depthwise_backward(grad_out: torch.Tensor, maps: torch.Tensor,
-                        kernels: torch.Tensor, need_input: bool,
-                        need_kernels: bool):
-    """Input and kernel gradients of :func:`_depthwise_conv`. The kernel
-    gradient is the correlation of the zero-padded ``maps`` with
-    ``grad_out``, per group: the depthwise branch's inner gradient."""
-    grad_in, grad_kernels, _ = torch.ops.aten.convolution_backward(
-        grad_out, maps, kernels, None, [1, 1], [1, 1], [1, 1], False, [0, 0],
-        maps.shape[1], [need_input, need_kernels, False])
-    return grad_in, grad_kernels
-
-
 class _Layout:
     """Channel split of the ``qkv`` projection and the map size."""
 
@@ -313,12 +298,14 @@ def _depthwise_forward(q, k, v, w3, layout, scale, dtype, out):
     shared_kernels = w3.to(dtype).repeat(batch, 1, 1, 1)
     k_map = _grouped_map(k, height, width, dtype)
     v_map = _grouped_map(v, height, width, dtype)
-    _, grad = _depthwise_backward(v_map, k_map, shared_kernels, False, True)
+    # the kernel gradient of the inner loss: k correlated with v
+    _, grad, _ = depthwise_conv3x3_backward(v_map, k_map, shared_kernels,
+                                            False, True)
     grad = grad * (-scale / (height * width))
     clipped, norm = _clip(grad, (-2, -1))
     kernels = shared_kernels - clipped
     _write_tokens(
-        out, _depthwise_conv(_grouped_map(q, height, width, dtype), kernels))
+        out, depthwise_conv3x3(_grouped_map(q, height, width, dtype), kernels))
     return grad, norm, kernels
 
 
@@ -329,7 +316,7 @@ def _depthwise_backward_all(q, k, v, layout, scale, dtype, grad_out,
     batch, height, width = layout.batch, layout.height, layout.width
     dq_dest, dk_dest, dv_dest = grad_qkv_parts
     d_out = _grouped_map(grad_out, height, width, dtype)
-    d_q, d_kernels = _depthwise_backward(
+    d_q, d_kernels, _ = depthwise_conv3x3_backward(
         d_out, _grouped_map(q, height, width, dtype), kernels, True, True)
     _write_tokens(dq_dest, d_q)
     grad_w3 = d_kernels.unflatten(0, (batch, -1)).sum(0)
@@ -339,9 +326,9 @@ def _depthwise_backward_all(q, k, v, layout, scale, dtype, grad_out,
     # depthwise convolution with d_grad.
     k_map = _grouped_map(k, height, width, dtype)
     v_map = _grouped_map(v, height, width, dtype)
-    d_k, _ = _depthwise_backward(v_map, k_map, d_grad, True, False)
+    d_k, _, _ = depthwise_conv3x3_backward(v_map, k_map, d_grad, True, False)
     _write_tokens(dk_dest, d_k)
-    _write_tokens(dv_dest, _depthwise_conv(k_map, d_grad))
+    _write_tokens(dv_dest, depthwise_conv3x3(k_map, d_grad))
     return grad_w3
 
 
