@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import backbone_outputs_and_grads
 from mmvit3.models import ARCH_SETTINGS, HViT3
+from mmvit3.models.hvit3 import ConvNorm, DepthwiseConv
 
 PUBLISHED_PARAMS_M = {'tiny': 28.19, 'small': 53.85, 'base': 93.73}
 
@@ -123,3 +125,54 @@ def test_core_model_imports_without_toolboxes():
                             text=True)
     assert result.returncode == 0, result.stderr
     assert 'torch.Size([1, 64, 8, 8])' in result.stdout
+
+
+def test_blocks_get_row_major_tokens():
+    """The stem and downsampling layers run channels-last, so the blocks'
+    token sequences are contiguous (no copies before linear layers)."""
+    model = HViT3(dict(dims=(32, 64), depths=(1, 1)), out_indices=(0, 1))
+    layouts = []
+    for stage in model.layers:
+        for block in stage.blocks:
+            block.register_forward_pre_hook(
+                lambda _, args: layouts.append(args[0].is_contiguous()))
+    model(torch.randn(2, 3, 30, 42))
+    assert layouts == [True, True]
+
+
+def test_eval_folds_batchnorm_into_convs(monkeypatch):
+    torch.manual_seed(0)
+    model = HViT3(dict(dims=(32, 64), depths=(1, 1)), out_indices=(0, 1))
+    with torch.no_grad():
+        for bn in model.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                for stat in (bn.weight, bn.bias, bn.running_mean):
+                    stat.normal_()
+                bn.running_var.uniform_(0.5, 2)
+    image = torch.randn(2, 3, 32, 48, requires_grad=True)
+    folded = backbone_outputs_and_grads(model.eval(), image)
+    calls = []
+    forward = nn.BatchNorm2d.forward
+    monkeypatch.setattr(nn.BatchNorm2d, 'forward',
+                        lambda *args: calls.append(1) or forward(*args))
+    backbone_outputs_and_grads(model, image)
+    assert not calls
+    monkeypatch.setattr(ConvNorm, 'forward', nn.Sequential.forward)
+    unfolded = backbone_outputs_and_grads(model, image)
+    assert len(calls) == 6  # stem 5, downsampling 1
+    for got, expected in zip(folded, unfolded):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_residual_depthwise_conv_in_one_convolution():
+    torch.manual_seed(0)
+    conv = DepthwiseConv(8).double()
+    x = torch.randn(2, 15, 8, dtype=torch.float64, requires_grad=True)
+    results = []
+    for residual in (True, False):
+        out = conv(x, 3, 5, residual=residual)
+        out = out if residual else x + out
+        grads = torch.autograd.grad(out.square().sum(), [x, conv.weight])
+        results.append([out, *grads])
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

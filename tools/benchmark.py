@@ -25,7 +25,8 @@ on a CPU (Linux), the peak resident set size above the one before the run
 return every block of 128 KiB or more to the system at once, so that the
 peak counts live tensors, not memory freed earlier or heap fragmentation.
 The timed runs leave glibc as a long-running process has it: blocks of up
-to 32 MiB (where its dynamic mmap threshold stops growing) are reused.
+to 32 MiB (where its dynamic mmap threshold stops growing) are reused, and
+the heap is not trimmed between runs.
 
 With ``--ttt-layers``, the 17 TTT layers of H-ViT3-T alone (the part the
 fast path replaces, qkv and output projections included) are also timed,
@@ -45,7 +46,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -171,10 +172,15 @@ class CpuPeakMemory:
             self.libc = ctypes.CDLL('libc.so.6')
 
     def exact(self, on: bool):
-        """Whether freed blocks of 128 KiB or more leave the process at once
-        (M_MMAP_THRESHOLD); off: up to 32 MiB stay for reuse."""
+        """On: every freed block of 128 KiB or more leaves the process at
+        once (M_MMAP_THRESHOLD), so peaks count live tensors. Off: glibc's
+        thresholds as a long-running process reaches them (its dynamic mmap
+        threshold stops at 32 MiB, the trim threshold at twice that), so
+        freed blocks up to that size are reused without page faults."""
         if self.available:
-            self.libc.mallopt(-3, 128 * 1024 if on else 32 * 2**20)
+            mmap_threshold = 128 * 1024 if on else 32 * 2**20
+            self.libc.mallopt(-3, mmap_threshold)  # M_MMAP_THRESHOLD
+            self.libc.mallopt(-1, 2 * mmap_threshold)  # M_TRIM_THRESHOLD
 
     @staticmethod
     def _status_kib(key: str) -> int:
@@ -201,8 +207,12 @@ class CpuPeakMemory:
 
 
 def timed_run(fn: Callable[[], None], device: str,
-              cpu_memory: CpuPeakMemory) -> Tuple[float, float]:
-    """(milliseconds, peak MiB) of one call of ``fn``."""
+              cpu_memory: Optional[CpuPeakMemory] = None
+              ) -> Tuple[float, float]:
+    """(milliseconds, peak MiB) of one call of ``fn``. On a CPU the peak is
+    measured only with ``cpu_memory`` (NaN without): it trims the heap
+    first, which would charge the timed run page faults that a
+    long-running process does not pay."""
     if device == 'cuda':
         torch.cuda.synchronize()
         gc.collect()
@@ -216,11 +226,12 @@ def timed_run(fn: Callable[[], None], device: str,
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
         return start.elapsed_time(end), peak
-    cpu_memory.start()
+    if cpu_memory is not None:
+        cpu_memory.start()
     begin = time.perf_counter()
     fn()
     elapsed = (time.perf_counter() - begin) * 1000
-    return elapsed, cpu_memory.stop()
+    return elapsed, cpu_memory.stop() if cpu_memory else float('nan')
 
 
 def make_step(model: nn.Module, mode: str, image: torch.Tensor):
@@ -259,17 +270,17 @@ def peak_memory(steps: Dict[str, Callable], device: str,
     return peaks
 
 
-def run_times(steps: Dict[str, Callable], device: str, repeats: int,
-              cpu_memory: CpuPeakMemory) -> Dict[str, List[float]]:
+def run_times(steps: Dict[str, Callable], device: str,
+              repeats: int) -> Dict[str, List[float]]:
     """Milliseconds of interleaved runs, the order reversed every other
     round, after a warm-up run of each step."""
     names = list(steps)
     for name in names:  # warm-up: allocator, kernels, RoPE tables
-        timed_run(steps[name], device, cpu_memory)
+        timed_run(steps[name], device)
     times = {name: [] for name in names}
     for round_index in range(repeats):
         for name in names if round_index % 2 == 0 else names[::-1]:
-            times[name].append(timed_run(steps[name], device, cpu_memory)[0])
+            times[name].append(timed_run(steps[name], device)[0])
     return times
 
 
@@ -451,8 +462,7 @@ def main():
     cpu_memory.exact(False)
     results = []
     for point, peak in zip(points, peaks):
-        times = run_times(steps(point), point['device'], args.repeats,
-                          cpu_memory)
+        times = run_times(steps(point), point['device'], args.repeats)
         stats = {
             name: dict(
                 ms=statistics.median(times[name]),

@@ -14,7 +14,7 @@ import torch.utils.checkpoint as cp
 from mmengine.model import BaseModule
 
 from ..ops import depthwise_ttt, fast_ttt, fused_mlp, rope_2d, swiglu_ttt
-from ..ops.depthwise import tokens_as_map
+from ..ops.depthwise import plus_identity_tap, tokens_as_map
 
 HEAD_DIM = 32
 # Loss scale of both inner branches: 9 ** -0.5 (three taps per side).
@@ -58,12 +58,19 @@ def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Zero-pad the bottom / right of a (B, C, H, W) map to ``multiple``."""
+    """Zero-pad the bottom / right of a (B, C, H, W) map to ``multiple``,
+    returned channels-last.
+
+    Channels-last maps are what oneDNN's convolutions run fastest on, and
+    convolutions keep their input's format: the stem's and downsampling
+    layers' outputs then flatten into row-major (B, N, C) tokens, which the
+    linear layers, norms and fused ops of the blocks read without copies.
+    """
     pad_h = -x.shape[-2] % multiple
     pad_w = -x.shape[-1] % multiple
     if pad_h or pad_w:
         x = F.pad(x, (0, pad_w, 0, pad_h))
-    return x
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 class ConvNorm(nn.Sequential):
@@ -91,6 +98,20 @@ class ConvNorm(nn.Sequential):
             self.norm = nn.BatchNorm2d(out_channels)
         if act:
             self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        norm = getattr(self, 'norm', None)
+        if not isinstance(norm, nn.BatchNorm2d) or norm.training:
+            return super().forward(x)
+        # Eval-mode BatchNorm is a per-channel affine map: folded into the
+        # convolution it costs no pass over the (large, early) maps.
+        scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
+        bias = norm.bias - norm.running_mean * scale
+        if self.conv.bias is not None:
+            bias = bias + self.conv.bias * scale
+        x = self.conv._conv_forward(x, self.conv.weight * scale[:, None, None,
+                                                                None], bias)
+        return self.act(x) if hasattr(self, 'act') else x
 
 
 class Stem(nn.Module):
@@ -228,13 +249,17 @@ class TTT(_Switchable, nn.Module):
 
 
 class DepthwiseConv(nn.Conv2d):
-    """3x3 depthwise conv with bias applied to (B, N, C) tokens."""
+    """3x3 depthwise conv with bias applied to (B, N, C) tokens; with
+    ``residual=True`` it returns ``x + dwconv(x)`` from one convolution."""
 
     def __init__(self, dim: int):
         super().__init__(dim, dim, 3, padding=1, groups=dim)
 
-    def forward(self, x, height: int, width: int):
-        return map_to_tokens(super().forward(tokens_to_map(x, height, width)))
+    def forward(self, x, height: int, width: int, residual: bool = False):
+        weight = plus_identity_tap(self.weight) if residual else self.weight
+        return map_to_tokens(
+            self._conv_forward(tokens_to_map(x, height, width), weight,
+                               self.bias))
 
 
 class Mlp(_Switchable, nn.Module):
@@ -285,7 +310,7 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path_rate)
 
     def forward(self, x, height: int, width: int):
-        x = x + self.cpe(x, height, width)
+        x = self.cpe(x, height, width, residual=True)  # x + cpe(x)
         x = x + self.drop_path(self.attn(self.norm1(x), height, width))
         return x + self.drop_path(self.mlp(self.norm2(x), height, width))
 

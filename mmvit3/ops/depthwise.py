@@ -23,6 +23,16 @@ def depthwise_conv3x3(maps: torch.Tensor, kernels: torch.Tensor,
     return F.conv2d(maps, kernels, bias, padding=1, groups=maps.shape[1])
 
 
+def plus_identity_tap(kernels: torch.Tensor) -> torch.Tensor:
+    """(C, 1, 3, 3) kernels plus 1 at the centre tap, so that one
+    convolution computes ``x + dwconv(x)``: a pass over the map less, in
+    forward and in backward. Differentiable; the kernels' gradient is
+    unchanged."""
+    identity = kernels.new_zeros(1, 1, 3, 3)
+    identity[..., 1, 1] = 1
+    return kernels + identity
+
+
 def depthwise_conv3x3_backward(
     grad_out: torch.Tensor, maps: torch.Tensor, kernels: torch.Tensor,
     need_input: bool, need_kernels: bool, need_bias: bool = False

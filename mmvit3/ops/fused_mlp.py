@@ -10,13 +10,21 @@ On one CPU thread saving ``a`` keeps autograd's speed: the depthwise conv
 and GELUs it recomputes cost about what autograd spends on allocating and
 re-reading the maps it saves. Recomputing ``fc1`` as well saves another 4C
 map but costs one more matmul (5-10 % slower fwd+bwd).
+
+Inference on a CPU computes large maps in bands of rows (see
+:func:`band_rows`).
 """
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .depthwise import (depthwise_conv3x3, depthwise_conv3x3_backward,
-                        tokens_as_map)
+                        plus_identity_tap, tokens_as_map)
+
+# glibc serves allocations of 32 MiB and more (its largest dynamic mmap
+# threshold) from fresh pages each time, paying a page fault per 4 KiB.
+CPU_BAND_THRESHOLD_BYTES = 32 << 20
+CPU_BAND_BYTES = 8 << 20
 
 
 def _as_tokens(maps: torch.Tensor) -> torch.Tensor:
@@ -24,11 +32,12 @@ def _as_tokens(maps: torch.Tensor) -> torch.Tensor:
     return maps.permute(0, 2, 3, 1).reshape(-1, maps.shape[1])
 
 
-def _dwc_sum(h, dwc_weight, dwc_bias, batch, height, width):
-    """``s = h + dwc(h)`` on (B*N, 4C) tokens, in dwc's fresh output."""
-    d = depthwise_conv3x3(tokens_as_map(h, batch, height, width), dwc_weight,
-                          dwc_bias)
-    return _as_tokens(d).add_(h)
+def _dwc_sum(h, kernels, dwc_bias, batch, height, width):
+    """``s = h + dwc(h)`` on (B*N, 4C) tokens; ``kernels`` carry the
+    identity tap."""
+    return _as_tokens(
+        depthwise_conv3x3(tokens_as_map(h, batch, height, width), kernels,
+                          dwc_bias))
 
 
 def _gelu_backward_(grad: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
@@ -46,10 +55,46 @@ def _forward(x, fc1_weight, fc1_bias, dwc_weight, dwc_bias, fc2_weight,
     x2d = x.reshape(-1, x.shape[-1])
     a = torch.addmm(fc1_bias, x2d, fc1_weight.t())
     h = F.gelu(a) if keep_a else torch.ops.aten.gelu_(a)
-    s = _dwc_sum(h, dwc_weight, dwc_bias, x.shape[0], height, width)
+    s = _dwc_sum(h, plus_identity_tap(dwc_weight), dwc_bias, x.shape[0],
+                 height, width)
     del h
     y = torch.addmm(fc2_bias, torch.ops.aten.gelu_(s), fc2_weight.t())
     return y.view(*x.shape[:-1], -1), a if keep_a else None
+
+
+def band_rows(x: torch.Tensor, hidden: int, height: int, width: int) -> int:
+    """Map rows per band of the inference forward: all of them, except on a
+    CPU where the hidden map would reach ``CPU_BAND_THRESHOLD_BYTES``; then
+    bands of about ``CPU_BAND_BYTES``, which also stay in cache."""
+    row_bytes = x.shape[0] * width * hidden * x.element_size()
+    if x.device.type != 'cpu' or row_bytes * height < CPU_BAND_THRESHOLD_BYTES:
+        return height
+    return max(1, CPU_BAND_BYTES // row_bytes)
+
+
+def _forward_in_bands(x, fc1_weight, fc1_bias, dwc_weight, dwc_bias,
+                      fc2_weight, fc2_bias, height, width, rows):
+    """Inference forward, ``rows`` map rows at a time; each band recomputes
+    ``h`` on its neighbours' edge rows for the depthwise conv."""
+    batch, _, channels = x.shape
+    maps = x.reshape(batch, height, width, channels)
+    y = x.new_empty(batch, height, width, fc2_weight.shape[0])
+    kernels = plus_identity_tap(dwc_weight)
+    for start in range(0, height, rows):
+        stop = min(start + rows, height)
+        low, high = max(start - 1, 0), min(stop + 1, height)
+        h = torch.ops.aten.gelu_(
+            torch.addmm(fc1_bias, maps[:, low:high].reshape(-1, channels),
+                        fc1_weight.t()))
+        # Padding 1 on the band: its edge rows are right only at the map's
+        # border, and only the rows in [start, stop) are kept.
+        s = depthwise_conv3x3(
+            tokens_as_map(h, batch, high - low, width), kernels,
+            dwc_bias)[:, :, start - low:stop - low]
+        y[:, start:stop] = torch.addmm(
+            fc2_bias, torch.ops.aten.gelu_(_as_tokens(s)),
+            fc2_weight.t()).view(batch, stop - start, width, -1)
+    return y.view(batch, height * width, -1)
 
 
 class FusedMlp(torch.autograd.Function):
@@ -82,7 +127,8 @@ class FusedMlp(torch.autograd.Function):
             if a is None:
                 a = torch.addmm(fc1_bias, x2d, fc1_weight.t())
             h = F.gelu(a)
-            s = _dwc_sum(h, dwc_weight, dwc_bias, batch, height, width)
+            kernels = plus_identity_tap(dwc_weight)
+            s = _dwc_sum(h, kernels, dwc_bias, batch, height, width)
             grad_s = None
             if any(need[:5]):
                 grad_s = _gelu_backward_(grad_y.mm(fc2_weight), s)
@@ -93,15 +139,15 @@ class FusedMlp(torch.autograd.Function):
                 grads[6] = grad_y.sum(0)
             if grad_s is None:
                 return tuple(grads)
+            # through s = h + dwc(h) at once: the kernels carry the identity
             grad_h, grads[3], grads[4] = depthwise_conv3x3_backward(
                 tokens_as_map(grad_s, batch, height, width),
-                tokens_as_map(h, batch, height, width), dwc_weight,
+                tokens_as_map(h, batch, height, width), kernels,
                 any(need[:3]), need[3], need[4])
-            del h
+            del h, grad_s
             if any(need[:3]):
-                # h feeds both the dwc and the sum s; then the first GELU.
-                grad_a = _gelu_backward_(_as_tokens(grad_h).add_(grad_s), a)
-                del grad_h, grad_s
+                grad_a = _gelu_backward_(_as_tokens(grad_h), a)
+                del grad_h
                 if need[0]:
                     grads[0] = grad_a.mm(fc1_weight).view_as(x)
                 if need[1]:
@@ -153,4 +199,7 @@ def fused_mlp(x: torch.Tensor,
     with torch.autocast(device, enabled=False):
         if torch.is_grad_enabled() and any(t.requires_grad for t in args):
             return FusedMlp.apply(*args, height, width, recompute_fc1)
+        rows = band_rows(args[0], hidden, height, width)
+        if rows < height:
+            return _forward_in_bands(*args, height, width, rows)
         return _forward(*args, height, width, keep_a=False)[0]
