@@ -7,8 +7,9 @@ import torch
 import torch.nn as nn
 
 from conftest import backbone_outputs_and_grads
-from mmvit3.models import ARCH_SETTINGS, HViT3
+from mmvit3.models import ARCH_SETTINGS, HViT3, hvit3
 from mmvit3.models.hvit3 import ConvNorm, DepthwiseConv
+from mmvit3.ops import bands
 
 PUBLISHED_PARAMS_M = {'tiny': 28.19, 'small': 53.85, 'base': 93.73}
 
@@ -176,3 +177,48 @@ def test_residual_depthwise_conv_in_one_convolution():
         results.append([out, *grads])
     for got, expected in zip(*results):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('size', [(37, 50), (64, 40), (8, 12)])
+def test_inference_in_bands_equals_whole_maps(monkeypatch, size):
+    """Stem, downsampling layers and MLPs computed in bands of rows, from
+    one row up, give the whole-map result."""
+    torch.manual_seed(0)
+    model = HViT3(dict(dims=(32, 64), depths=(1, 1)),
+                  out_indices=(0, 1)).double()
+    with torch.no_grad():
+        for bn in model.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                for stat in (bn.weight, bn.bias, bn.running_mean):
+                    stat.normal_()
+                bn.running_var.uniform_(0.5, 2)
+    model.eval()
+    image = torch.randn(2, 3, *size, dtype=torch.float64)
+    calls = []
+    run = hvit3.run_in_bands
+    monkeypatch.setattr(hvit3, 'run_in_bands',
+                        lambda *args: calls.append(args[2]) or run(*args))
+    with torch.no_grad():
+        expected = model(image)
+        assert not calls
+        monkeypatch.setattr(bands, 'CPU_BAND_THRESHOLD_BYTES', 0)
+        for band_bytes in (1, 3000, 20000):
+            monkeypatch.setattr(bands, 'CPU_BAND_BYTES', band_bytes)
+            for got, want in zip(model(image), expected):
+                torch.testing.assert_close(got, want, rtol=1e-12,
+                                           atol=1e-12)
+        assert calls[:2] == [1, 1]  # stem and downsampling, row by row
+        # Tracers (FLOP counters, ONNX export) see whole maps.
+        calls.clear()
+        torch.jit.trace(model, image, check_trace=False)
+        assert not calls
+    # Training keeps whole maps (bands would not save autograd's memory).
+    calls.clear()
+    model(image)
+    assert not calls
+
+
+def test_bands_need_eval_mode_batchnorm():
+    layer = ConvNorm(4, 4, 3)
+    with pytest.raises(ValueError, match='eval-mode BatchNorm'):
+        layer(torch.randn(1, 4, 5, 5), pad_rows=False)

@@ -1,7 +1,5 @@
 """The fused MLP (``mmvit3.ops.fused_mlp``) against torch autograd on the
 plain ``Mlp`` ops."""
-import sys
-
 import pytest
 import torch
 
@@ -9,7 +7,8 @@ from conftest import backbone_outputs_and_grads
 from mmvit3.models import HViT3
 from mmvit3.models.hvit3 import TTT, Mlp, set_impl
 from mmvit3.ops import fused_mlp
-from mmvit3.ops.fused_mlp import FusedMlp, band_rows
+from mmvit3.ops import bands
+from mmvit3.ops.fused_mlp import FusedMlp
 
 
 @pytest.fixture(autouse=True)
@@ -263,24 +262,24 @@ def test_set_impl_switches_ttt_layers_and_mlps_together():
                                                 (3, 1, 6)])
 def test_inference_in_bands_equals_whole_map(monkeypatch, batch, height,
                                              width):
-    module = sys.modules['mmvit3.ops.fused_mlp']
     mlp = make_mlp(8)
     x = torch.randn(batch, height * width, 8, dtype=torch.float64)
     with torch.no_grad():
         expected = call(mlp, x, height, width)
+        monkeypatch.setattr(bands, 'CPU_BAND_THRESHOLD_BYTES', 0)
         row_bytes = batch * width * 32 * 8
-        monkeypatch.setattr(module, 'CPU_BAND_THRESHOLD_BYTES', 0)
         for rows in range(1, height + 1):
-            monkeypatch.setattr(module, 'CPU_BAND_BYTES', rows * row_bytes)
-            assert module.band_rows(x, 32, height, width) == rows
+            monkeypatch.setattr(bands, 'CPU_BAND_BYTES', rows * row_bytes)
+            assert bands.band_rows(row_bytes, height, 'cpu') == rows
             torch.testing.assert_close(
                 call(mlp, x, height, width), expected, rtol=1e-12,
                 atol=1e-12)
 
 
 def test_band_rows():
-    x = torch.empty(2, 1, 64)
-    # 4 MiB of hidden map: whole; 64 MiB: 8 MiB bands (of 256 KiB rows)
-    assert band_rows(x, 256, 16, 128) == 16
-    assert band_rows(x, 256, 256, 128) == 32
-    assert band_rows(x.to('meta'), 256, 256, 128) == 256
+    # 4 MiB maps whole; 64 MiB in 8 MiB bands; on GPUs always whole
+    row_bytes = 256 << 10
+    assert bands.band_rows(row_bytes, 16, 'cpu') == 16
+    assert bands.band_rows(row_bytes, 256, 'cpu') == 32
+    assert bands.band_rows(row_bytes, 256, 'cuda') == 256
+    assert bands.band_rows(64 << 20, 2, 'cpu') == 1

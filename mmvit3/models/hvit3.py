@@ -12,8 +12,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from mmengine.model import BaseModule
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..ops import depthwise_ttt, fast_ttt, fused_mlp, rope_2d, swiglu_ttt
+from ..ops.bands import band_rows
 from ..ops.depthwise import plus_identity_tap, tokens_as_map
 
 HEAD_DIM = 32
@@ -99,19 +101,98 @@ class ConvNorm(nn.Sequential):
         if act:
             self.act = nn.ReLU(inplace=True)
 
-    def forward(self, x):
+    @property
+    def foldable(self) -> bool:
+        """Whether the norm, if any, is an eval-mode BatchNorm."""
         norm = getattr(self, 'norm', None)
-        if not isinstance(norm, nn.BatchNorm2d) or norm.training:
+        return norm is None or (isinstance(norm, _BatchNorm)
+                                and not norm.training
+                                and norm.running_var is not None)
+
+    def forward(self, x, pad_rows: bool = True):
+        """``pad_rows=False`` pads the columns only: for bands of rows that
+        bring their neighbours' rows (:func:`run_in_bands`)."""
+        if not self.foldable:
+            if not pad_rows:
+                raise ValueError('bands of rows need eval-mode BatchNorm')
             return super().forward(x)
-        # Eval-mode BatchNorm is a per-channel affine map: folded into the
-        # convolution it costs no pass over the (large, early) maps.
-        scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
-        bias = norm.bias - norm.running_mean * scale
-        if self.conv.bias is not None:
-            bias = bias + self.conv.bias * scale
-        x = self.conv._conv_forward(x, self.conv.weight * scale[:, None, None,
-                                                                None], bias)
+        conv, norm = self.conv, getattr(self, 'norm', None)
+        weight, bias = conv.weight, conv.bias
+        if norm is not None:
+            # Eval-mode BatchNorm is a per-channel affine map: folded into
+            # the convolution it costs no pass over the (large, early) maps.
+            scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
+            folded_bias = norm.bias - norm.running_mean * scale
+            bias = folded_bias if bias is None else folded_bias + bias * scale
+            weight = weight * scale[:, None, None, None]
+        padding = conv.padding if pad_rows else (0, conv.padding[1])
+        x = F.conv2d(x, weight, bias, conv.stride, padding, conv.dilation,
+                     conv.groups)
         return self.act(x) if hasattr(self, 'act') else x
+
+    def output_height(self, height: int) -> int:
+        kernel, stride, pad = self._rows_geometry()
+        return (height + 2 * pad - kernel) // stride + 1
+
+    def input_rows(self, start: int, stop: int) -> Tuple[int, int]:
+        """Input rows [low, high) that output rows [start, stop) read; they
+        pass the map's border where the padding is read."""
+        kernel, stride, pad = self._rows_geometry()
+        return start * stride - pad, (stop - 1) * stride - pad + kernel
+
+    def _rows_geometry(self) -> Tuple[int, int, int]:
+        conv = self.conv
+        return conv.kernel_size[0], conv.stride[0], conv.padding[0]
+
+
+def run_in_bands(layers: Sequence[ConvNorm], x: torch.Tensor,
+                 rows: int) -> torch.Tensor:
+    """``layers`` applied in turn to ``x``, ``rows`` output rows at a time
+    (eval-mode norms): each band computes just the rows of each layer that
+    it reads, with zero rows for the padding at the map's top and bottom."""
+    heights = [x.shape[2]]
+    for layer in layers:
+        heights.append(layer.output_height(heights[-1]))
+    bands = []
+    for start in range(0, heights[-1], rows):
+        # Last layer first: the rows each layer reads (needed) and those of
+        # them inside its input map (wanted).
+        wanted = [(start, min(start + rows, heights[-1]))]
+        needed = []
+        for layer, height in zip(layers[::-1], heights[-2::-1]):
+            low, high = layer.input_rows(*wanted[-1])
+            needed.append((low, high))
+            wanted.append((max(low, 0), min(high, height)))
+        band = x[:, :, wanted[-1][0]:wanted[-1][1]]
+        for layer, (low, high), (in_low, in_high) in zip(
+                layers, needed[::-1], wanted[:0:-1]):
+            if low < in_low or high > in_high:
+                band = F.pad(band, (0, 0, in_low - low, high - in_high))
+            band = layer(band, pad_rows=False)
+        bands.append(band)
+    return torch.cat(bands, dim=2)
+
+
+def conv_layers(layers: Sequence[ConvNorm], x: torch.Tensor,
+                band_row_bytes: int) -> torch.Tensor:
+    """``layers`` applied in turn to ``x``; at inference on a CPU in bands
+    of rows where the largest map, of ``band_row_bytes`` per output row,
+    would be large (see :mod:`mmvit3.ops.bands`)."""
+    height = x.shape[2]
+    for layer in layers:
+        height = layer.output_height(height)
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(
+        p.requires_grad for layer in layers for p in layer.parameters()))
+    rows = height
+    # Tracers (FLOP counters, ONNX export) see the whole-map convolutions.
+    if (not needs_grad and not torch.jit.is_tracing()
+            and all(layer.foldable for layer in layers)):
+        rows = band_rows(band_row_bytes, height, x.device)
+    if rows < height:
+        return run_in_bands(layers, x, rows)
+    for layer in layers:
+        x = layer(x)
+    return x
 
 
 class Stem(nn.Module):
@@ -129,7 +210,14 @@ class Stem(nn.Module):
         )
 
     def forward(self, x):
-        return self.conv(pad_to_multiple(x, 4))
+        x = pad_to_multiple(x, 4)
+        for layer in self.conv[:3]:
+            x = layer(x)
+        # the 4C-channel map at stride 4 is the large one
+        batch, _, _, width = x.shape
+        wide = self.conv[3].conv.out_channels
+        return conv_layers(self.conv[3:], x,
+                           batch * wide * (width // 2) * x.element_size())
 
 
 class Downsample(nn.Module):
@@ -147,7 +235,12 @@ class Downsample(nn.Module):
         )
 
     def forward(self, x):
-        return self.conv(pad_to_multiple(x, 2))
+        x = pad_to_multiple(x, 2)
+        # the expanded map, two input rows per output row, is the large one
+        batch, _, _, width = x.shape
+        hidden = self.conv[0].conv.out_channels
+        return conv_layers(self.conv, x,
+                           2 * batch * hidden * width * x.element_size())
 
 
 class _Switchable:
@@ -496,7 +589,7 @@ class HViT3(BaseModule):
         self._freeze_stages()
         if mode and self.norm_eval:
             for module in self.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                if isinstance(module, _BatchNorm):
                     module.eval()
         return self
 

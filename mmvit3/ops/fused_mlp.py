@@ -11,20 +11,16 @@ and GELUs it recomputes cost about what autograd spends on allocating and
 re-reading the maps it saves. Recomputing ``fc1`` as well saves another 4C
 map but costs one more matmul (5-10 % slower fwd+bwd).
 
-Inference on a CPU computes large maps in bands of rows (see
-:func:`band_rows`).
+Inference on a CPU computes large hidden maps in bands of rows (see
+:mod:`.bands`).
 """
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .bands import band_rows
 from .depthwise import (depthwise_conv3x3, depthwise_conv3x3_backward,
                         plus_identity_tap, tokens_as_map)
-
-# glibc serves allocations of 32 MiB and more (its largest dynamic mmap
-# threshold) from fresh pages each time, paying a page fault per 4 KiB.
-CPU_BAND_THRESHOLD_BYTES = 32 << 20
-CPU_BAND_BYTES = 8 << 20
 
 
 def _as_tokens(maps: torch.Tensor) -> torch.Tensor:
@@ -60,16 +56,6 @@ def _forward(x, fc1_weight, fc1_bias, dwc_weight, dwc_bias, fc2_weight,
     del h
     y = torch.addmm(fc2_bias, torch.ops.aten.gelu_(s), fc2_weight.t())
     return y.view(*x.shape[:-1], -1), a if keep_a else None
-
-
-def band_rows(x: torch.Tensor, hidden: int, height: int, width: int) -> int:
-    """Map rows per band of the inference forward: all of them, except on a
-    CPU where the hidden map would reach ``CPU_BAND_THRESHOLD_BYTES``; then
-    bands of about ``CPU_BAND_BYTES``, which also stay in cache."""
-    row_bytes = x.shape[0] * width * hidden * x.element_size()
-    if x.device.type != 'cpu' or row_bytes * height < CPU_BAND_THRESHOLD_BYTES:
-        return height
-    return max(1, CPU_BAND_BYTES // row_bytes)
 
 
 def _forward_in_bands(x, fc1_weight, fc1_bias, dwc_weight, dwc_bias,
@@ -199,7 +185,9 @@ def fused_mlp(x: torch.Tensor,
     with torch.autocast(device, enabled=False):
         if torch.is_grad_enabled() and any(t.requires_grad for t in args):
             return FusedMlp.apply(*args, height, width, recompute_fc1)
-        rows = band_rows(args[0], hidden, height, width)
+        x = args[0]
+        rows = band_rows(x.shape[0] * width * hidden * x.element_size(),
+                         height, x.device)
         if rows < height:
             return _forward_in_bands(*args, height, width, rows)
         return _forward(*args, height, width, keep_a=False)[0]

@@ -22,6 +22,7 @@ from functools import lru_cache
 from typing import Tuple
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .depthwise import depthwise_conv3x3, depthwise_conv3x3_backward
@@ -139,6 +140,12 @@ def _clip_backward(grad: torch.Tensor, norm: torch.Tensor,
     return grad_clipped / (norm + 1) - grad * radial
 
 
+def _silu_backward_into(out: torch.Tensor, grad: torch.Tensor,
+                        z: torch.Tensor):
+    """``out = grad * silu'(z)`` in one fused kernel."""
+    torch.ops.aten.silu_backward.grad_input(grad, z, grad_input=out)
+
+
 def _silu_terms(z: torch.Tensor):
     """sigmoid(z), silu(z) and silu'(z) = sigmoid(z) * (1 + z - silu(z))."""
     sig = torch.sigmoid(z)
@@ -209,13 +216,13 @@ def _swiglu_forward(q, k, v, w_cat, table, layout, scale, dtype, out):
                                  dtype)
         z1, z2 = torch.bmm(k_rot, w_cat).chunk(2, dim=-1)
         # [v * silu(z2) | v * z1 * silu'(z2)], the -scale/N applied once
-        # below; with silu' = sig * (1 + z2 - silu): v * silu' = vs + a - a*sig
-        sig = torch.sigmoid(z2)
-        v_sig = sig * _heads_view(v[:, start:stop], heads).flatten(0, 1)
+        # below; silu' by aten's fused silu_backward.
+        v_heads = _heads_view(v[:, start:stop], heads).to(dtype)
         terms = z1.new_empty(z1.shape[:-1] + (2 * head_dim, ))
-        a, b = terms.chunk(2, dim=-1)
-        torch.mul(v_sig, z2, out=a)
-        torch.mul(torch.addcmul(a, a, sig, value=-1).add_(v_sig), z1, out=b)
+        a, b = (t.unflatten(0, (batch, heads)) for t in terms.chunk(2, -1))
+        z1, z2 = (t.unflatten(0, (batch, heads)) for t in (z1, z2))
+        torch.mul(F.silu(z2), v_heads, out=a)
+        _silu_backward_into(b, torch.mul(v_heads, z1), z2)
         grad.baddbmm_(k_rot.transpose(1, 2), terms)
     grad.mul_(-scale / layout.num_tokens)
     clipped, norm = _clip(grad, -2)
@@ -224,10 +231,9 @@ def _swiglu_forward(q, k, v, w_cat, table, layout, scale, dtype, out):
         q_rot = _rotate_to_heads(q[:, start:stop], table[start:stop], heads,
                                  dtype)
         p1, p2 = torch.bmm(q_rot, w_new).chunk(2, dim=-1)
-        gate = torch.sigmoid(p2).mul_(p2)
         torch.mul(
             p1.unflatten(0, (batch, heads)),
-            gate.unflatten(0, (batch, heads)),
+            F.silu(p2).unflatten(0, (batch, heads)),
             out=_heads_view(out[:, start:stop, :layout.dim], heads))
     return grad, norm, w_new
 
@@ -246,12 +252,11 @@ def _swiglu_backward(q, k, v, w_cat, table, layout, scale, dtype, grad_out,
                                  dtype)
         p = torch.bmm(q_rot, w_new)
         p1, p2 = p.chunk(2, dim=-1)
-        _, silu, dsilu = _silu_terms(p2)
         d_out = _to_heads(grad_out[:, start:stop, :layout.dim], heads, dtype)
         d_p = torch.empty_like(p)
         d_p1, d_p2 = d_p.chunk(2, dim=-1)
-        torch.mul(d_out, silu, out=d_p1)
-        torch.mul(d_out, p1, out=d_p2).mul_(dsilu)
+        torch.mul(d_out, F.silu(p2), out=d_p1)
+        _silu_backward_into(d_p2, torch.mul(d_out, p1), p2)
         grad_w_new.baddbmm_(q_rot.transpose(1, 2), d_p)
         _rotate_back_into(dq_dest[:, start:stop],
                           torch.bmm(d_p, w_new.transpose(1, 2)),
