@@ -141,15 +141,23 @@ def test_blocks_get_row_major_tokens():
     assert layouts == [True, True]
 
 
-def test_eval_folds_batchnorm_into_convs(monkeypatch):
+def two_stage_model_with_batchnorm_statistics(dtype=torch.float32):
+    """A small HViT3 whose BatchNorm layers have non-trivial statistics and
+    affine parameters, so that folding them is tested."""
     torch.manual_seed(0)
-    model = HViT3(dict(dims=(32, 64), depths=(1, 1)), out_indices=(0, 1))
+    model = HViT3(dict(dims=(32, 64), depths=(1, 1)),
+                  out_indices=(0, 1)).to(dtype)
     with torch.no_grad():
         for bn in model.modules():
             if isinstance(bn, nn.BatchNorm2d):
                 for stat in (bn.weight, bn.bias, bn.running_mean):
                     stat.normal_()
                 bn.running_var.uniform_(0.5, 2)
+    return model
+
+
+def test_eval_folds_batchnorm_into_convs(monkeypatch):
+    model = two_stage_model_with_batchnorm_statistics()
     image = torch.randn(2, 3, 32, 48, requires_grad=True)
     folded = backbone_outputs_and_grads(model.eval(), image)
     calls = []
@@ -183,16 +191,7 @@ def test_residual_depthwise_conv_in_one_convolution():
 def test_inference_in_bands_equals_whole_maps(monkeypatch, size):
     """Stem, downsampling layers and MLPs computed in bands of rows, from
     one row up, give the whole-map result."""
-    torch.manual_seed(0)
-    model = HViT3(dict(dims=(32, 64), depths=(1, 1)),
-                  out_indices=(0, 1)).double()
-    with torch.no_grad():
-        for bn in model.modules():
-            if isinstance(bn, nn.BatchNorm2d):
-                for stat in (bn.weight, bn.bias, bn.running_mean):
-                    stat.normal_()
-                bn.running_var.uniform_(0.5, 2)
-    model.eval()
+    model = two_stage_model_with_batchnorm_statistics(torch.float64).eval()
     image = torch.randn(2, 3, *size, dtype=torch.float64)
     calls = []
     run = hvit3.run_in_bands

@@ -76,7 +76,10 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
 
 
 class ConvNorm(nn.Sequential):
-    """conv -> optional BatchNorm -> optional ReLU, keyed ``conv`` / ``norm``."""
+    """conv -> optional BatchNorm -> optional ReLU, keyed ``conv`` / ``norm``.
+
+    In eval mode the BatchNorm is folded into the convolution's weights.
+    """
 
     def __init__(self,
                  in_channels: int,
@@ -173,7 +176,7 @@ def run_in_bands(layers: Sequence[ConvNorm], x: torch.Tensor,
     return torch.cat(bands, dim=2)
 
 
-def conv_layers(layers: Sequence[ConvNorm], x: torch.Tensor,
+def run_conv_layers(layers: Sequence[ConvNorm], x: torch.Tensor,
                 band_row_bytes: int) -> torch.Tensor:
     """``layers`` applied in turn to ``x``; at inference on a CPU in bands
     of rows where the largest map, of ``band_row_bytes`` per output row,
@@ -216,7 +219,7 @@ class Stem(nn.Module):
         # the 4C-channel map at stride 4 is the large one
         batch, _, _, width = x.shape
         wide = self.conv[3].conv.out_channels
-        return conv_layers(self.conv[3:], x,
+        return run_conv_layers(self.conv[3:], x,
                            batch * wide * (width // 2) * x.element_size())
 
 
@@ -239,7 +242,7 @@ class Downsample(nn.Module):
         # the expanded map, two input rows per output row, is the large one
         batch, _, _, width = x.shape
         hidden = self.conv[0].conv.out_channels
-        return conv_layers(self.conv, x,
+        return run_conv_layers(self.conv, x,
                            2 * batch * hidden * width * x.element_size())
 
 
