@@ -185,9 +185,10 @@ def fused_mlp(x: torch.Tensor,
     with torch.autocast(device, enabled=False):
         if torch.is_grad_enabled() and any(t.requires_grad for t in args):
             return FusedMlp.apply(*args, height, width, recompute_fc1)
-        x = args[0]
-        rows = band_rows(x.shape[0] * width * hidden * x.element_size(),
-                         height, x.device)
+        tokens = args[0]
+        rows = band_rows(
+            tokens.shape[0] * width * hidden * tokens.element_size(), height,
+            tokens.device)
         if rows < height:
             return _forward_in_bands(*args, height, width, rows)
         return _forward(*args, height, width, keep_a=False)[0]
