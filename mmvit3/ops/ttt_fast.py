@@ -385,6 +385,10 @@ class FastTTT(torch.autograd.Function):
                 grad_w3.to(w3_dtype), None, None, None, None)
 
 
+# Dynamo cannot trace the hand-written autograd function (views of complex
+# and real storage written with out=, shape-dependent chunks): under
+# torch.compile it runs eagerly, between the compiled parts of the model.
+@torch.compiler.disable
 def fast_ttt(qkv: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
              w3: torch.Tensor, heads: int, height: int, width: int,
              scale: float) -> torch.Tensor:
