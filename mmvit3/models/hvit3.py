@@ -177,7 +177,7 @@ def run_in_bands(layers: Sequence[ConvNorm], x: torch.Tensor,
 
 
 def run_conv_layers(layers: Sequence[ConvNorm], x: torch.Tensor,
-                band_row_bytes: int) -> torch.Tensor:
+                    band_row_bytes: int) -> torch.Tensor:
     """``layers`` applied in turn to ``x``; at inference on a CPU in bands
     of rows where the largest map, of ``band_row_bytes`` per output row,
     would be large (see :mod:`mmvit3.ops.bands`)."""
@@ -220,7 +220,7 @@ class Stem(nn.Module):
         batch, _, _, width = x.shape
         wide = self.conv[3].conv.out_channels
         return run_conv_layers(self.conv[3:], x,
-                           batch * wide * (width // 2) * x.element_size())
+                               batch * wide * (width // 2) * x.element_size())
 
 
 class Downsample(nn.Module):
@@ -243,7 +243,7 @@ class Downsample(nn.Module):
         batch, _, _, width = x.shape
         hidden = self.conv[0].conv.out_channels
         return run_conv_layers(self.conv, x,
-                           2 * batch * hidden * width * x.element_size())
+                               2 * batch * hidden * width * x.element_size())
 
 
 class _Switchable:
