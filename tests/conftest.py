@@ -15,6 +15,10 @@ from mmvit3.shapes import SEG_CLASSES, SHAPES, make_shapes_dataset
 from mmvit3.testing import write_published_checkpoint
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+# Device-parametrised tests: the CUDA case is reported as skipped, not
+# passed, where no GPU is visible.
+DEVICES = ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason='needs a GPU'))]
 
 
 @pytest.fixture(scope='session')
@@ -36,8 +40,9 @@ def backbone_outputs_and_grads(model, image) -> List[torch.Tensor]:
     weighted sum of them."""
     model.zero_grad(set_to_none=True)
     outs = model(image)
-    sum((out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype)
-         .view_as(out)).sum() for out in outs).backward()
+    sum((out * torch.linspace(
+        -1, 1, out.numel(), dtype=out.dtype, device=out.device).view_as(out)
+         ).sum() for out in outs).backward()
     return [o.detach() for o in outs] + [
         p.grad.clone() for p in model.parameters()
     ]

@@ -14,6 +14,7 @@ convolutions feeding it cancel almost exactly, in any network.
 import pytest
 import torch
 
+from conftest import DEVICES
 from mmvit3.models import HViT3
 from mmvit3.ops import fast_ttt
 
@@ -74,7 +75,8 @@ def test_autocast_at_1333x800_cuda(dtype):
 
 
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
-def test_inner_step_runs_in_float32(dtype):
+@pytest.mark.parametrize('device', DEVICES)
+def test_inner_step_runs_in_float32(dtype, device):
     """Reduced-precision q, k, v give the float32 result on those values,
     rounded once at the output, even where reduced-precision sums would
     overflow (fp16) or lose the inner gradient (bf16)."""
@@ -82,11 +84,11 @@ def test_inner_step_runs_in_float32(dtype):
     heads, dim, head_dim, height, width = 2, 64, 32, 40, 48
     # keys and values of magnitude 300: sums over 1920 tokens pass 65504
     qkv = (torch.randn(1, height * width, 3 * (dim + head_dim)) *
-           300).to(dtype).requires_grad_()
-    inner = [(torch.randn(*shape) * 0.02).requires_grad_()
+           300).to(device, dtype).requires_grad_()
+    inner = [(torch.randn(*shape, device=device) * 0.02).requires_grad_()
              for shape in [(1, heads, head_dim, head_dim)] * 2 +
              [(head_dim, 1, 3, 3)]]
-    with torch.autocast('cpu', dtype=dtype):
+    with torch.autocast(device, dtype=dtype):
         out = fast_ttt(qkv, *inner, heads, height, width, 1 / 3)
     assert out.dtype == dtype
     qkv32 = qkv.detach().float().requires_grad_()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mmvit3.ops.ttt_fast as ttt_fast
-from conftest import backbone_outputs_and_grads
+from conftest import DEVICES, backbone_outputs_and_grads
 from mmvit3.models import HViT3
 from mmvit3.models.hvit3 import TTT
 from mmvit3.ops import fast_ttt
@@ -41,6 +41,11 @@ def outputs_and_grads(layer: TTT, impl: str, x, height, width, grad_out=None):
     return out, grads, grad_out
 
 
+def set_chunk_elements(monkeypatch, elements: int):
+    for name in ('CPU_CHUNK_ELEMENTS', 'GPU_CHUNK_ELEMENTS'):
+        monkeypatch.setattr(ttt_fast, name, elements)
+
+
 def assert_paths_agree(layer, x, height, width, tolerance):
     """Largest difference between the paths, relative to the largest
     magnitude of each tensor, at most ``tolerance``."""
@@ -65,21 +70,24 @@ def assert_paths_agree(layer, x, height, width, tolerance):
     (1, 64, 1, 1, 1 << 20),
     (2, 128, 1, 13, 1 << 20),
 ])
+@pytest.mark.parametrize('device', DEVICES)
 def test_matches_plain_path_float64(batch, dim, height, width,
-                                    chunk_elements, monkeypatch):
-    monkeypatch.setattr(ttt_fast, 'CPU_CHUNK_ELEMENTS', chunk_elements)
-    layer = make_layer(dim)
-    x = torch.randn(batch, height * width, dim, dtype=torch.float64)
+                                    chunk_elements, device, monkeypatch):
+    set_chunk_elements(monkeypatch, chunk_elements)
+    layer = make_layer(dim).to(device)
+    x = torch.randn(batch, height * width, dim, dtype=torch.float64,
+                    device=device)
     assert_paths_agree(layer, x, height, width, 1e-12)
 
 
 @pytest.mark.parametrize('inner_std', [0.02, 0.3])
-def test_matches_plain_path_float32(inner_std, monkeypatch):
+@pytest.mark.parametrize('device', DEVICES)
+def test_matches_plain_path_float32(inner_std, device, monkeypatch):
     # Either path is within about 6e-7 of float64 here, by this measure.
-    monkeypatch.setattr(ttt_fast, 'CPU_CHUNK_ELEMENTS', 4096)
-    layer = make_layer(128, torch.float32, inner_std)
+    set_chunk_elements(monkeypatch, 4096)
+    layer = make_layer(128, torch.float32, inner_std).to(device)
     height, width = 24, 20
-    x = torch.randn(2, height * width, 128)
+    x = torch.randn(2, height * width, 128, device=device)
     assert_paths_agree(layer, x, height, width, 1e-5)
 
 
@@ -100,13 +108,14 @@ def test_gradcheck_fast_inner_step():
         fn, (qkv, *inner), eps=1e-6, atol=1e-5, fast_mode=True)
 
 
-def test_whole_backbone_fast_equals_plain():
+@pytest.mark.parametrize('device', DEVICES)
+def test_whole_backbone_fast_equals_plain(device):
     model = HViT3(
         dict(dims=(32, 64), depths=(2, 1)),
         drop_path_rate=0.,
         out_indices=(0, 1))
-    model = model.double()
-    image = torch.randn(2, 3, 29, 22, dtype=torch.float64)
+    model = model.double().to(device)
+    image = torch.randn(2, 3, 29, 22, dtype=torch.float64, device=device)
     results = []
     for impl in ('plain', 'fast'):
         assert TTT.set_impl(model, impl) == 3
@@ -192,3 +201,16 @@ def test_impl_option_is_checked():
     with pytest.raises(ValueError, match='impl'):
         TTT.set_impl(TTT(64), 'compiled')
     assert 'plain' in repr(TTT(64, impl='plain'))
+
+
+def test_double_backward_raises():
+    qkv = torch.randn(1, 6, 3 * (64 + 32), dtype=torch.float64,
+                      requires_grad=True)
+    inner = [
+        torch.randn(*shape, dtype=torch.float64)
+        for shape in [(1, 2, 32, 32)] * 2 + [(32, 1, 3, 3)]
+    ]
+    out = fast_ttt(qkv, *inner, 2, 2, 3, 1 / 3)
+    grad, = torch.autograd.grad(out.sum(), qkv, create_graph=True)
+    with pytest.raises(RuntimeError, match='no autograd formula'):
+        grad.sum().backward()

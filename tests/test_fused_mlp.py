@@ -3,7 +3,7 @@ plain ``Mlp`` ops."""
 import pytest
 import torch
 
-from conftest import backbone_outputs_and_grads
+from conftest import DEVICES, backbone_outputs_and_grads
 from mmvit3.models import HViT3
 from mmvit3.models.hvit3 import TTT, Mlp, set_impl
 from mmvit3.ops import fused_mlp
@@ -107,10 +107,12 @@ def test_matches_autograd_float32():
     assert_close_relative(got, expected, 1e-5)
 
 
-def test_backbone_fast_equals_plain(monkeypatch):
+@pytest.mark.parametrize('device', DEVICES)
+def test_backbone_fast_equals_plain(device, monkeypatch):
     model = HViT3(
-        dict(dims=(32, 64), depths=(1, 1)), out_indices=(0, 1)).double()
-    image = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+        dict(dims=(32, 64), depths=(1, 1)),
+        out_indices=(0, 1)).double().to(device)
+    image = torch.randn(2, 3, 64, 64, dtype=torch.float64, device=device)
     calls = []
     apply = FusedMlp.apply
     monkeypatch.setattr(FusedMlp, 'apply',

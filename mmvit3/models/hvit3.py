@@ -317,7 +317,7 @@ class TTT(_Switchable, nn.Module):
     def forward(self, x: torch.Tensor, height: int, width: int):
         qkv = self.qkv(x)
         # Tracers (FLOP counters, ONNX export) cannot look inside the fast
-        # path's autograd.Function; the plain path computes the same.
+        # path's custom operator; the plain path computes the same.
         if self.impl == 'fast' and not torch.jit.is_tracing():
             return self.proj(
                 fast_ttt(qkv, self.w1, self.w2, self.w3, self.num_heads,

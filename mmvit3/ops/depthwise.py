@@ -14,7 +14,10 @@ def tokens_as_map(tokens: torch.Tensor, batch: int, height: int,
     take their fast NHWC path (transpose + reshape gives batch stride C
     there).
     """
-    return tokens.view(batch, height, width, -1).permute(0, 3, 1, 2)
+    # the channels spelled out, not -1: with symbolic sizes under
+    # torch.compile, inductor cannot simplify (B*H*W*C) // (B*H*W) to C
+    return tokens.view(batch, height, width,
+                       tokens.shape[-1]).permute(0, 3, 1, 2)
 
 
 def depthwise_conv3x3(maps: torch.Tensor, kernels: torch.Tensor,

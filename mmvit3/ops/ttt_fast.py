@@ -1,12 +1,12 @@
-"""The TTT inner step of H-ViT3 as one memory-lean ``autograd.Function``.
+"""The TTT inner step of H-ViT3 as one memory-lean custom operator.
 
 Same mathematics as :mod:`mmvit3.ops.ttt` (the plain oracle), organised for
 speed and memory:
 
-- Both inner branches run inside one ``autograd.Function`` that saves only
-  its input (the ``qkv`` projection) and the tiny inner weights; backward
-  recomputes the rest and applies hand-derived gradients, second-order
-  terms of the inner step included.
+- Both inner branches run inside one operator (``mmvit3::fast_ttt``) that
+  saves only its input (the ``qkv`` projection) and the tiny inner weights;
+  its backward operator recomputes the rest and applies hand-derived
+  gradients, second-order terms of the inner step included.
 - The SwiGLU branch runs over token chunks, so its dozen elementwise
   intermediates exist for a few thousand tokens at a time, never for the
   whole map (on a CPU the memory traffic of such maps, not the matmuls,
@@ -23,7 +23,7 @@ from typing import Tuple
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
+from torch import Tensor
 
 from .depthwise import depthwise_conv3x3, depthwise_conv3x3_backward
 
@@ -63,8 +63,10 @@ def rope_table(height: int, width: int, channels: int, device: torch.device,
     """Unit complex numbers (H*W, C/2) rotating RoPE's channel pairs."""
     if channels % 4:
         raise ValueError(f'RoPE needs channels divisible by 4, got {channels}')
-    return _rope_table(height, width, channels, torch.device(device), dtype,
-                       base)
+    # A compiled graph computes the table itself (Dynamo ignores caches).
+    build = (_rope_table.__wrapped__
+             if torch.compiler.is_compiling() else _rope_table)
+    return build(height, width, channels, torch.device(device), dtype, base)
 
 
 def _pairs(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -337,61 +339,136 @@ def _depthwise_backward_all(q, k, v, layout, scale, dtype, grad_out,
     return grad_w3
 
 
-class FastTTT(torch.autograd.Function):
-    """(qkv, w1, w2, w3) -> concat(out1, out2), saving only the inputs."""
-
-    @staticmethod
-    def forward(ctx, qkv, w1, w2, w3, heads, height, width, scale):
-        layout = _Layout(qkv, heads, height, width)
-        dtype = compute_dtype(qkv.dtype)
-        out = qkv.new_empty(layout.batch, layout.num_tokens,
-                            layout.dim + layout.head_dim)
-        q1, k1, v1, q2, k2, v2 = layout.split(qkv)
-        table = rope_table(height, width, layout.dim, qkv.device,
-                           torch.complex128 if dtype == torch.float64 else
-                           torch.complex64)
-        w_cat = torch.cat([w1, w2], dim=-1).to(dtype).expand(
-            layout.batch, -1, -1, -1).flatten(0, 1)
-        with torch.autocast(qkv.device.type, enabled=False):
-            swiglu_state = _swiglu_forward(q1, k1, v1, w_cat, table, layout,
-                                           scale, dtype,
-                                           out[..., :layout.dim])
-            depthwise_state = _depthwise_forward(q2, k2, v2, w3, layout,
-                                                 scale, dtype,
-                                                 out[..., layout.dim:])
-        ctx.save_for_backward(qkv, w_cat, *swiglu_state, *depthwise_state)
-        ctx.layout, ctx.scale, ctx.table = layout, scale, table
-        ctx.weight_dtypes = (w1.dtype, w2.dtype, w3.dtype)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        qkv, w_cat, *state = ctx.saved_tensors
-        layout, scale, table = ctx.layout, ctx.scale, ctx.table
-        dtype = compute_dtype(qkv.dtype)
-        grad_qkv = torch.empty_like(qkv)
-        parts, grad_parts = layout.split(qkv), layout.split(grad_qkv)
-        with torch.autocast(qkv.device.type, enabled=False):
-            grad_w_cat = _swiglu_backward(*parts[:3], w_cat, table, layout,
-                                          scale, dtype, grad_out,
-                                          grad_parts[:3], *state[:3])
-            grad_w3 = _depthwise_backward_all(
-                *parts[3:], layout, scale, dtype,
-                grad_out[..., layout.dim:], grad_parts[3:], *state[3:])
-        grad_w1, grad_w2 = grad_w_cat.unsqueeze(0).chunk(2, dim=-1)
-        w1_dtype, w2_dtype, w3_dtype = ctx.weight_dtypes
-        return (grad_qkv, grad_w1.to(w1_dtype), grad_w2.to(w2_dtype),
-                grad_w3.to(w3_dtype), None, None, None, None)
+def _forward(qkv: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, rope: Tensor,
+             heads: int, height: int, width: int,
+             scale: float) -> Tuple[Tensor, ...]:
+    """The output, then what backward needs besides ``qkv``: [w1 | w2] per
+    image, and each branch's inner gradient, its norm and updated weights
+    (the depthwise ones flattened, so that their strides are plain)."""
+    layout = _Layout(qkv, heads, height, width)
+    dtype = compute_dtype(qkv.dtype)
+    out = qkv.new_empty(layout.batch, layout.num_tokens,
+                        layout.dim + layout.head_dim)
+    q1, k1, v1, q2, k2, v2 = layout.split(qkv)
+    table = torch.view_as_complex(rope)
+    # a copy per image (tiny), so that the saved tensor has plain strides
+    w_cat = torch.cat([w1, w2], dim=-1).to(dtype).expand(
+        layout.batch, -1, -1, -1).reshape(-1, layout.head_dim,
+                                          2 * layout.head_dim).contiguous()
+    with torch.autocast(qkv.device.type, enabled=False):
+        swiglu_state = _swiglu_forward(q1, k1, v1, w_cat, table, layout,
+                                       scale, dtype, out[..., :layout.dim])
+        depthwise_state = _depthwise_forward(q2, k2, v2, w3, layout, scale,
+                                             dtype, out[..., layout.dim:])
+    return (out, w_cat, *swiglu_state,
+            *(t.flatten(1) for t in depthwise_state))
 
 
-# Dynamo cannot trace the hand-written autograd function (views of complex
-# and real storage written with out=, shape-dependent chunks): under
-# torch.compile it runs eagerly, between the compiled parts of the model.
-@torch.compiler.disable
-def fast_ttt(qkv: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-             w3: torch.Tensor, heads: int, height: int, width: int,
-             scale: float) -> torch.Tensor:
+def _backward(grad_out: Tensor, qkv: Tensor, rope: Tensor, w_cat: Tensor,
+              *state: Tensor, heads: int, height: int, width: int,
+              scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients w.r.t. ``qkv``, [w1 | w2] (h, d, 2d) and w3 (d, 9), in the
+    compute dtype for the weights."""
+    layout = _Layout(qkv, heads, height, width)
+    dtype = compute_dtype(qkv.dtype)
+    table = torch.view_as_complex(rope)
+    depthwise_grad, depthwise_norm, kernels = state[3:]
+    depthwise_state = (depthwise_grad.unflatten(1, (1, 3, 3)),
+                       depthwise_norm.unflatten(1, (1, 1, 1)),
+                       kernels.unflatten(1, (1, 3, 3)))
+    grad_qkv = torch.empty_like(qkv)
+    parts, grad_parts = layout.split(qkv), layout.split(grad_qkv)
+    with torch.autocast(qkv.device.type, enabled=False):
+        grad_w_cat = _swiglu_backward(*parts[:3], w_cat, table, layout, scale,
+                                      dtype, grad_out, grad_parts[:3],
+                                      *state[:3])
+        grad_w3 = _depthwise_backward_all(
+            *parts[3:], layout, scale, dtype, grad_out[..., layout.dim:],
+            grad_parts[3:], *depthwise_state)
+    return grad_qkv, grad_w_cat, grad_w3.flatten(1)
+
+
+# Custom operators, so that torch.compile sees the inner step as one opaque
+# node of known output shapes (Dynamo cannot trace the complex views written
+# with out= and the shape-dependent chunks): the backbone compiles as one
+# graph. The RoPE table is an input, not a cache inside: a CUDA graph may
+# own no tensor that outlives its run.
+@torch.library.custom_op('mmvit3::fast_ttt', mutates_args=())
+def _fast_ttt_op(qkv: Tensor, w1: Tensor, w2: Tensor, w3: Tensor,
+                 rope: Tensor, heads: int, height: int, width: int,
+                 scale: float
+                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                            Tensor, Tensor]:
+    return _forward(qkv, w1, w2, w3, rope, heads, height, width, scale)
+
+
+@_fast_ttt_op.register_fake
+def _(qkv, w1, w2, w3, rope, heads, height, width, scale):
+    layout = _Layout(qkv, heads, height, width)
+    dtype = compute_dtype(qkv.dtype)
+    out = qkv.new_empty(layout.batch, layout.num_tokens,
+                        layout.dim + layout.head_dim)
+    inner = qkv.new_empty(
+        layout.batch * heads, layout.head_dim, 2 * layout.head_dim,
+        dtype=dtype)
+    inner_norm = qkv.new_empty(
+        layout.batch * heads, 1, 2 * layout.head_dim, dtype=dtype)
+    kernels = qkv.new_empty(layout.batch * layout.head_dim, 9, dtype=dtype)
+    kernels_norm = qkv.new_empty(layout.batch * layout.head_dim, 1,
+                                 dtype=dtype)
+    return (out, inner, torch.empty_like(inner), inner_norm,
+            torch.empty_like(inner), kernels, kernels_norm,
+            torch.empty_like(kernels))
+
+
+@torch.library.custom_op('mmvit3::fast_ttt_backward', mutates_args=())
+def _fast_ttt_backward_op(grad_out: Tensor, qkv: Tensor, rope: Tensor,
+                          w_cat: Tensor, swiglu_grad: Tensor,
+                          swiglu_norm: Tensor,
+                          w_new: Tensor, depthwise_grad: Tensor,
+                          depthwise_norm: Tensor, kernels: Tensor,
+                          heads: int, height: int, width: int, scale: float
+                          ) -> Tuple[Tensor, Tensor, Tensor]:
+    return _backward(
+        grad_out, qkv, rope, w_cat, swiglu_grad, swiglu_norm, w_new,
+        depthwise_grad, depthwise_norm, kernels, heads=heads, height=height,
+        width=width, scale=scale)
+
+
+@_fast_ttt_backward_op.register_fake
+def _(grad_out, qkv, rope, w_cat, *state_and_sizes):
+    *_, heads, height, width, scale = state_and_sizes
+    head_dim = w_cat.shape[1]
+    return (torch.empty_like(qkv),
+            w_cat.new_empty(heads, head_dim, 2 * head_dim),
+            w_cat.new_empty(head_dim, 9))
+
+
+def _setup_context(ctx, inputs, output):
+    qkv, w1, w2, w3, rope, heads, height, width, scale = inputs
+    ctx.save_for_backward(qkv, rope, *output[1:])
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.sizes = dict(heads=heads, height=height, width=width, scale=scale)
+    ctx.weight_dtypes = (w1.dtype, w2.dtype, w3.dtype)
+    ctx.w3_shape = w3.shape
+
+
+def _autograd_backward(ctx, grad_out, *unused_state_grads):
+    grad_qkv, grad_w_cat, grad_w3 = _fast_ttt_backward_op(
+        grad_out, *ctx.saved_tensors, **ctx.sizes)
+    w1_dtype, w2_dtype, w3_dtype = ctx.weight_dtypes
+    grad_w1, grad_w2 = grad_w_cat.unsqueeze(0).chunk(2, dim=-1)
+    return (grad_qkv, grad_w1.to(w1_dtype), grad_w2.to(w2_dtype),
+            grad_w3.view(ctx.w3_shape).to(w3_dtype), None, None, None, None,
+            None)
+
+
+_fast_ttt_op.register_autograd(_autograd_backward,
+                               setup_context=_setup_context)
+
+
+def fast_ttt(qkv: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, heads: int,
+             height: int, width: int, scale: float) -> Tensor:
     """Both inner branches of a TTT layer from its ``qkv`` projection.
 
     Args:
@@ -399,6 +476,12 @@ def fast_ttt(qkv: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
         w1, w2: (1, heads, d, d) SwiGLU inner weights; w3: (d, 1, 3, 3).
     Returns:
         (B, H*W, C + d): the two branches' outputs, concatenated, in
-        ``qkv``'s dtype.
+        ``qkv``'s dtype. Backward saves only ``qkv`` and the small inner
+        weights, and recomputes the rest.
     """
-    return FastTTT.apply(qkv, w1, w2, w3, heads, height, width, scale)
+    layout = _Layout(qkv, heads, height, width)
+    table = rope_table(height, width, layout.dim, qkv.device,
+                       torch.complex128 if compute_dtype(qkv.dtype) ==
+                       torch.float64 else torch.complex64)
+    return _fast_ttt_op(qkv, w1, w2, w3, torch.view_as_real(table), heads,
+                        height, width, scale)[0]
