@@ -4,8 +4,9 @@ import os.path as osp
 import re
 
 import pytest
+import torch
 
-from conftest import run_tool
+from conftest import load_tool, run_tool
 
 
 @pytest.mark.slow
@@ -37,3 +38,32 @@ def test_benchmark_writes_ratios_plot_and_results(tmp_path):
     # the fast path saves less for backward than the plain one
     assert (train['models']['hvit3-t']['peak_mib'] <
             train['models']['hvit3-t-plain']['peak_mib'])
+
+
+def test_a_step_out_of_gpu_memory_is_left_out():
+    benchmark = load_tool('benchmark')
+
+    def out_of_memory():
+        raise torch.OutOfMemoryError('CUDA out of memory')
+
+    steps = {'fits': lambda: None, 'too-large': out_of_memory}
+    peaks = benchmark.peak_memory(steps, 'cpu', benchmark.CpuPeakMemory())
+    assert list(peaks) == ['fits']
+    row = dict(device='cuda', mode='train', size=(64, 64), batch=2,
+               models=dict(hvit3=dict(ms=1.0, peak_mib=1.0)))
+    table = benchmark.markdown_tables([row], ['hvit3', 'swin-t'])
+    assert '| 64x64 | 1.0 | n/a | n/a | n/a | 1 | n/a |' in table
+
+
+def test_compile_option_compiles_every_backbone(monkeypatch):
+    benchmark = load_tool('benchmark')
+    compiled = []
+    monkeypatch.setattr(
+        torch, 'compile',
+        lambda model, **options: compiled.append(options) or model)
+    backbones = {'a': torch.nn.Conv2d(3, 4, 3), 'b': torch.nn.Conv2d(3, 4, 1)}
+    steps = benchmark.make_steps(backbones, 'cpu', 'train', (8, 8), 2,
+                                 'reduce-overhead')
+    for step in steps.values():
+        step()
+    assert compiled == [dict(mode='reduce-overhead', dynamic=False)] * 2

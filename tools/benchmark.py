@@ -2,7 +2,7 @@
 
     python tools/benchmark.py [--devices cpu cuda] [--sizes 512x512 ...]
         [--train-sizes 512x512 ...] [--train-batch 2] [--repeats 5]
-        [--threads N] [--out-dir benchmarks]
+        [--threads N] [--compile MODE] [--out-dir benchmarks]
 
 Three backbones are built in one process, as the detection configs build
 them (``configs/mask_rcnn/mask-rcnn_hvit3-t_fpn_1x_coco.py`` and mmdet's
@@ -40,6 +40,7 @@ import copy
 import ctypes
 import gc
 import json
+import math
 import os
 import os.path as osp
 import platform
@@ -93,6 +94,12 @@ def parse_args():
     parser.add_argument(
         '--ttt-layers', action='store_true',
         help='also time the TTT layers alone, fast against plain')
+    parser.add_argument(
+        '--compile', metavar='MODE',
+        choices=['default', 'reduce-overhead', 'max-autotune',
+                 'max-autotune-no-cudagraphs'],
+        help='torch.compile every backbone with this mode, one graph per '
+        'size (dynamic=False); the warm-up run compiles')
     parser.add_argument('--out-dir', default='benchmarks')
     return parser.parse_args()
 
@@ -231,7 +238,8 @@ def timed_run(fn: Callable[[], None], device: str,
     begin = time.perf_counter()
     fn()
     elapsed = (time.perf_counter() - begin) * 1000
-    return elapsed, cpu_memory.stop() if cpu_memory else float('nan')
+    peak = cpu_memory.stop() if cpu_memory is not None else float('nan')
+    return elapsed, peak
 
 
 def make_step(model: nn.Module, mode: str, image: torch.Tensor):
@@ -252,21 +260,30 @@ def make_step(model: nn.Module, mode: str, image: torch.Tensor):
 
 
 def make_steps(backbones: Dict[str, nn.Module], device: str, mode: str,
-               size: Tuple[int, int], batch: int) -> Dict[str, Callable]:
+               size: Tuple[int, int], batch: int,
+               compile_mode: Optional[str] = None) -> Dict[str, Callable]:
     image = torch.randn(batch, 3, *size, device=device)
-    return {
-        name: make_step(model.to(device), mode, image)
-        for name, model in backbones.items()
-    }
+    steps = {}
+    for name, model in backbones.items():
+        model = model.to(device)
+        if compile_mode:
+            model = torch.compile(model, mode=compile_mode, dynamic=False)
+        steps[name] = make_step(model, mode, image)
+    return steps
 
 
 def peak_memory(steps: Dict[str, Callable], device: str,
                 cpu_memory: CpuPeakMemory) -> Dict[str, float]:
-    """MiB of one run of each step, after a warm-up run."""
+    """MiB of one run of each step, after a warm-up run. A step that runs
+    out of GPU memory is left out (it gets no entry), not the whole run."""
     peaks = {}
     for name, step in steps.items():
-        timed_run(step, device, cpu_memory)
-        peaks[name] = timed_run(step, device, cpu_memory)[1]
+        try:
+            timed_run(step, device, cpu_memory)
+            peaks[name] = timed_run(step, device, cpu_memory)[1]
+        except torch.OutOfMemoryError:
+            print(f'{name}: out of memory on {device}, left out at this size',
+                  flush=True)
     return peaks
 
 
@@ -306,6 +323,17 @@ def machine_info(threads: int) -> Dict[str, str]:
     return info
 
 
+def milliseconds(value: float) -> str:
+    """Tenths where whole milliseconds would hide differences (GPUs)."""
+    if math.isnan(value):
+        return 'n/a'
+    return f'{value:.1f}' if value < 100 else f'{value:.0f}'
+
+
+def mebibytes(value: float) -> str:
+    return 'n/a' if math.isnan(value) else f'{value:.0f}'
+
+
 def ratio(numerator: float, denominator: float) -> str:
     if denominator and denominator == denominator and numerator == numerator:
         return f'{numerator / denominator:.2f}'
@@ -336,12 +364,12 @@ def markdown_tables(results: List[dict], names) -> str:
                         'nan')
 
                 cells = ['x'.join(map(str, row['size']))]
-                cells += [f"{get(n, 'ms'):.0f}" for n in names]
+                cells += [milliseconds(get(n, 'ms')) for n in names]
                 cells += [
                     ratio(get('hvit3-t', 'ms'), get('swin-t', 'ms')),
                     ratio(get('hvit3-t', 'ms'), get('hvit3-t-plain', 'ms'))
                 ]
-                cells += [f"{get(n, 'peak_mib'):.0f}" for n in names]
+                cells += [mebibytes(get(n, 'peak_mib')) for n in names]
                 cells += [
                     ratio(get('hvit3-t', 'peak_mib'), get('swin-t',
                                                           'peak_mib')),
@@ -365,14 +393,17 @@ def layer_tables(results: List[dict]) -> str:
              '| device | mode | size | batch | fast ms | plain ms | '
              'plain/fast time | fast MiB | plain MiB | fast/plain mem |',
              '|' + ' --- |' * 10]
+    left_out = dict(ms=math.nan, peak_mib=math.nan)  # out of memory
     for row in results:
-        fast, plain = row['models']['ttt-fast'], row['models']['ttt-plain']
+        fast = row['models'].get('ttt-fast', left_out)
+        plain = row['models'].get('ttt-plain', left_out)
         lines.append(
             f"| {row['device']} | {row['mode']} | "
             f"{row['size'][0]}x{row['size'][1]} | {row['batch']} | "
-            f"{fast['ms']:.0f} | {plain['ms']:.0f} | "
-            f"{ratio(plain['ms'], fast['ms'])} | {fast['peak_mib']:.0f} | "
-            f"{plain['peak_mib']:.0f} | "
+            f"{milliseconds(fast['ms'])} | {milliseconds(plain['ms'])} | "
+            f"{ratio(plain['ms'], fast['ms'])} | "
+            f"{mebibytes(fast['peak_mib'])} | "
+            f"{mebibytes(plain['peak_mib'])} | "
             f"{ratio(fast['peak_mib'], plain['peak_mib'])} |")
     return '\n'.join(lines)
 
@@ -396,7 +427,8 @@ def plot(results: List[dict], names, path: str):
             for name in names:
                 label = f'{name} ({device})'
                 for row_index, key in enumerate(('ms', 'peak_mib')):
-                    values = [r['models'][name][key] for r in rows]
+                    values = [r['models'].get(name, {}).get(key, math.nan)
+                              for r in rows]
                     axes[row_index][column].plot(
                         pixels, values, styles[device], marker='o',
                         color=colours[name], label=label)
@@ -424,6 +456,8 @@ def main():
                                if torch.cuda.is_available() else ['cpu'])
     if 'cuda' in devices and not torch.cuda.is_available():
         raise SystemExit('--devices cuda: no GPU is visible to torch')
+    if args.compile:  # a graph per size, mode and model
+        torch._dynamo.config.cache_size_limit = 64
     backbones = build_backbones(args.models)
     suites = {'backbone': backbones}
     if args.ttt_layers:
@@ -435,6 +469,7 @@ def main():
             suites['ttt-layers']['ttt-fast'].state_dict())
     cpu_memory = CpuPeakMemory()
     info = machine_info(torch.get_num_threads())
+    info['compile'] = args.compile or 'eager'
     print('machine: ' + ', '.join(f'{k} {v}' for k, v in info.items()),
           flush=True)
     points = []
@@ -451,9 +486,11 @@ def main():
                 for size in map(parse_size, sizes)
             ]
 
-    def steps(point):
-        return make_steps(suites[point['kind']], point['device'],
-                          point['mode'], point['size'], point['batch'])
+    def steps(point, names=None):
+        models = {name: model for name, model in suites[point['kind']].items()
+                  if names is None or name in names}
+        return make_steps(models, point['device'], point['mode'],
+                          point['size'], point['batch'], args.compile)
 
     # All peaks first, while no timed run has left freed tensors in the
     # heap; then all times, with the allocator as users have it.
@@ -462,7 +499,7 @@ def main():
     cpu_memory.exact(False)
     results = []
     for point, peak in zip(points, peaks):
-        times = run_times(steps(point), point['device'], args.repeats)
+        times = run_times(steps(point, peak), point['device'], args.repeats)
         stats = {
             name: dict(
                 ms=statistics.median(times[name]),
@@ -471,8 +508,9 @@ def main():
             for name in times
         }
         results.append(dict(point, models=stats))
-        summary = ', '.join(f"{name} {s['ms']:.0f} ms {s['peak_mib']:.0f} MiB"
-                            for name, s in stats.items())
+        summary = ', '.join(
+            f"{name} {milliseconds(s['ms'])} ms {s['peak_mib']:.0f} MiB"
+            for name, s in stats.items())
         size = point['size']
         print(f"{point['device']} {point['mode']} {size[0]}x{size[1]}: "
               f'{summary}', flush=True)
