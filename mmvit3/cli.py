@@ -6,6 +6,7 @@ from the config's ``default_scope``. Everything else is mmengine's Runner.
 import argparse
 import os
 import os.path as osp
+import re
 from typing import List, Optional
 
 import torch
@@ -102,6 +103,29 @@ def parse_train_args(argv: Optional[List[str]] = None):
     return parser.parse_args(argv)
 
 
+def latest_checkpoint(work_dir: str) -> Optional[str]:
+    """The most recently written ``iter_N.pth`` or ``epoch_N.pth`` in
+    ``work_dir`` (the larger N where two share a time).
+
+    mmengine's own ``--resume`` reads the path from ``last_checkpoint``, a
+    file it writes after the checkpoint itself: a run killed between the two
+    writes would resume from an older checkpoint, or start again. Checkpoints
+    are written atomically here, so any that exists is complete. Time, not N,
+    decides, so that an earlier run's checkpoints left in the same work dir
+    do not win.
+    """
+    if not osp.isdir(work_dir):
+        return None
+    candidates = []
+    for name in os.listdir(work_dir):
+        match = re.fullmatch(r'(?:iter|epoch)_(\d+)\.pth', name)
+        if match:
+            path = osp.join(work_dir, name)
+            candidates.append((os.stat(path).st_mtime_ns,
+                               int(match.group(1)), path))
+    return max(candidates)[2] if candidates else None
+
+
 def train(argv: Optional[List[str]] = None):
     args = parse_train_args(argv)
     cfg = load_config(args)
@@ -116,7 +140,8 @@ def train(argv: Optional[List[str]] = None):
                 'in the config (the total batch size its lr is set for)')
         cfg.auto_scale_lr.enable = True
     if args.resume == 'auto':
-        cfg.resume, cfg.load_from = True, None
+        # None: mmengine's own lookup (checkpoints named otherwise)
+        cfg.resume, cfg.load_from = True, latest_checkpoint(cfg.work_dir)
     elif args.resume is not None:
         if not osp.isfile(args.resume):
             raise FileNotFoundError(f'--resume {args.resume}: no such file')

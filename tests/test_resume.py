@@ -13,6 +13,7 @@ from mmengine.runner import save_checkpoint
 
 import mmvit3  # noqa: F401  (registers the atomic local backend)
 from conftest import QUICKSTART_SEG, REPO, quickstart_seg_options, run_tool
+from mmvit3.cli import latest_checkpoint
 from mmvit3.fileio import AtomicLocalBackend
 from mmvit3.shapes import make_shapes_dataset
 
@@ -82,6 +83,11 @@ def test_killed_run_resumes_with_its_counters_and_states(tmp_path):
     stopped_at = saved[-1]
     assert stopped_at < MAX_ITERS, 'the run finished before it was killed'
     assert not [n for n in os.listdir(work_dir) if n.endswith('.tmp')]
+    # As if killed after writing the checkpoint but before naming it in
+    # last_checkpoint (mmengine writes that file second).
+    last = osp.join(work_dir, 'last_checkpoint')
+    if osp.exists(last):
+        os.remove(last)
 
     second = run_tool(*args[:4], '--resume', *args[4:])
     log = second.stdout + second.stderr
@@ -100,3 +106,18 @@ def test_killed_run_resumes_with_its_counters_and_states(tmp_path):
     assert steps == {float(MAX_ITERS)}
     # and so did the warm-up scheduler's counter
     assert final['param_schedulers'][0]['last_step'] == MAX_ITERS
+
+
+def test_latest_checkpoint_is_the_last_written(tmp_path):
+    assert latest_checkpoint(str(tmp_path / 'missing')) is None
+    assert latest_checkpoint(str(tmp_path)) is None
+    # written in this order; an earlier run's iter_10 was written first
+    for second, name in enumerate(('iter_10.pth', 'iter_1.pth', 'iter_2.pth',
+                                   'best_mIoU.pth', 'iter_3.pth.tmp',
+                                   'last_checkpoint')):
+        path = tmp_path / name
+        path.write_bytes(b'')
+        os.utime(path, ns=(second * 10**9, second * 10**9))
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / 'iter_2.pth')
+    os.utime(tmp_path / 'iter_1.pth', ns=(2 * 10**9, 2 * 10**9))
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / 'iter_2.pth')
