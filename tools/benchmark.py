@@ -499,7 +499,9 @@ def main():
     cpu_memory.exact(False)
     results = []
     for point, peak in zip(points, peaks):
-        times = run_times(steps(point, peak), point['device'], args.repeats)
+        # only the models that fit in memory at this point
+        times = run_times(steps(point, names=peak.keys()), point['device'],
+                          args.repeats)
         stats = {
             name: dict(
                 ms=statistics.median(times[name]),
