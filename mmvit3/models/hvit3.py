@@ -148,14 +148,20 @@ class ConvNorm(nn.Sequential):
         return conv.kernel_size[0], conv.stride[0], conv.padding[0]
 
 
+def map_heights(layers: Sequence[ConvNorm], height: int) -> List[int]:
+    """The input map's height, then each layer's output height."""
+    heights = [height]
+    for layer in layers:
+        heights.append(layer.output_height(heights[-1]))
+    return heights
+
+
 def run_in_bands(layers: Sequence[ConvNorm], x: torch.Tensor,
                  rows: int) -> torch.Tensor:
     """``layers`` applied in turn to ``x``, ``rows`` output rows at a time
     (eval-mode norms): each band computes just the rows of each layer that
     it reads, with zero rows for the padding at the map's top and bottom."""
-    heights = [x.shape[2]]
-    for layer in layers:
-        heights.append(layer.output_height(heights[-1]))
+    heights = map_heights(layers, x.shape[2])
     bands = []
     for start in range(0, heights[-1], rows):
         # Last layer first: the rows each layer reads (needed) and those of
@@ -181,9 +187,7 @@ def run_conv_layers(layers: Sequence[ConvNorm], x: torch.Tensor,
     """``layers`` applied in turn to ``x``; at inference on a CPU in bands
     of rows where the largest map, of ``band_row_bytes`` per output row,
     would be large (see :mod:`mmvit3.ops.bands`)."""
-    height = x.shape[2]
-    for layer in layers:
-        height = layer.output_height(height)
+    height = map_heights(layers, x.shape[2])[-1]
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(
         p.requires_grad for layer in layers for p in layer.parameters()))
     rows = height
