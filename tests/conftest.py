@@ -15,10 +15,10 @@ from mmvit3.shapes import SEG_CLASSES, SHAPES, make_shapes_dataset
 from mmvit3.testing import write_published_checkpoint
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-# Device-parametrised tests: the CUDA case is reported as skipped, not
-# passed, where no GPU is visible.
-DEVICES = ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason='needs a GPU'))]
+# CUDA tests are reported as skipped, not passed, where no GPU is visible.
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                   reason='needs a GPU')
+DEVICES = ['cpu', pytest.param('cuda', marks=requires_cuda)]
 
 
 @pytest.fixture(scope='session')

@@ -14,7 +14,7 @@ convolutions feeding it cancel almost exactly, in any network.
 import pytest
 import torch
 
-from conftest import DEVICES
+from conftest import DEVICES, requires_cuda
 from mmvit3.models import HViT3
 from mmvit3.ops import fast_ttt
 
@@ -23,7 +23,6 @@ TOLERANCES = {
     torch.float16: dict(outputs=0.005, grads=0.03),
 }
 LOSS_SCALE = 1024.  # as a GradScaler would, so fp16 gradients do not flush
-CUDA = torch.cuda.is_available()
 
 
 def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
@@ -68,7 +67,7 @@ def test_fp16_autocast_cpu():
     check_against_float32('cpu', torch.float16, 128, 192)
 
 
-@pytest.mark.skipif(not CUDA, reason='needs a GPU')
+@requires_cuda
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
 def test_autocast_at_1333x800_cuda(dtype):
     check_against_float32('cuda', dtype, 800, 1333)
