@@ -122,10 +122,11 @@ def seg_options(ade_root: str, checkpoint: str, eval_loader: str) -> List[str]:
     return options
 
 
-def load_tool(name: str):
-    """``tools/NAME.py`` as a module (tools/ is not a package)."""
+def load_tool(name: str, folder: str = 'tools'):
+    """``FOLDER/NAME.py`` as a module (tools/ and benchmarks/ are not
+    packages)."""
     spec = importlib.util.spec_from_file_location(
-        name, osp.join(REPO, 'tools', f'{name}.py'))
+        name, osp.join(REPO, folder, f'{name}.py'))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -67,3 +67,36 @@ def test_compile_option_compiles_every_backbone(monkeypatch):
     for step in steps.values():
         step()
     assert compiled == [dict(mode='reduce-overhead', dynamic=False)] * 2
+
+
+def test_each_stand_in_removes_its_part_and_keeps_the_gradient_path():
+    """benchmarks/train_step_parts.py: with a part replaced, that part's
+    parameters get no gradient and all others still do."""
+    parts_tool = load_tool('train_step_parts', folder='benchmarks')
+    backbones = load_tool('benchmark').build_backbones(['hvit3-t', 'swin-t'])
+    removed = {
+        'hvit3-t': {
+            'TTT inner step': ('attn.w1', 'attn.w2', 'attn.w3'),
+            'token mixer': ('attn.', ),
+            'MLP': ('mlp.', ),
+            'stem': ('patch_embed.', ),
+            'downsampling': ('downsample.', ),
+        },
+        'swin-t': {
+            'token mixer': ('attn.', ),
+            'MLP': ('ffn.', ),
+        },
+    }
+    image = torch.randn(1, 3, 64, 64)
+    for name, parts in parts_tool.parts().items():
+        model = backbones[name]
+        model.train()  # mmdet's SwinTransformer.train() returns None
+        assert set(parts) == set(removed[name])
+        for part, patches in parts.items():
+            model.zero_grad(set_to_none=True)
+            parts_tool.without(
+                lambda: sum(out.mean() for out in model(image)).backward(),
+                patches)()
+            for param_name, param in model.named_parameters():
+                gone = any(key in param_name for key in removed[name][part])
+                assert (param.grad is None) == gone, (name, part, param_name)
