@@ -35,7 +35,8 @@ def drop_path(x: torch.Tensor, drop_prob: float, training: bool):
         return x
     keep_prob = 1 - drop_prob
     mask = x.new_empty((x.shape[0], ) + (1, ) * (x.ndim - 1))
-    return x * mask.bernoulli_(keep_prob) / keep_prob
+    # the scale folded into the (B, 1, ...) mask: one pass over x, not two
+    return x * mask.bernoulli_(keep_prob).div_(keep_prob)
 
 
 class DropPath(nn.Module):

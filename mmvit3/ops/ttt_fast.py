@@ -11,7 +11,9 @@ speed and memory:
   intermediates exist for a few thousand tokens at a time, never for the
   whole map (on a CPU the memory traffic of such maps, not the matmuls,
   sets the speed). Its two inner matmuls run as one against ``[w1 | w2]``,
-  and RoPE is one complex multiplication with a per-size table.
+  RoPE is one complex multiplication with a per-size table, and each chain
+  of elementwise ops between the matmuls is one compiled loop on a CPU
+  (:mod:`.swiglu_chains`).
 - The depthwise branch computes all per-image kernel gradients and all
   per-image convolutions as single grouped convolutions (one group per image
   and channel) on channels-last maps.
@@ -26,6 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .depthwise import depthwise_conv3x3, depthwise_conv3x3_backward
+from .swiglu_chains import (swiglu_output_backward, swiglu_terms,
+                            swiglu_terms_backward)
 
 # Elements (tokens x channels) per chunk of the SwiGLU branch: its
 # intermediates stay a few MiB, while each op still gets enough work that a
@@ -106,13 +110,6 @@ def _rotate_back_into(dest: torch.Tensor, grad: torch.Tensor,
         dest.copy_(rotated.flatten(-3))
 
 
-def _to_heads(tokens: torch.Tensor, heads: int,
-              dtype: torch.dtype) -> torch.Tensor:
-    """(B, T, C) -> head-major (B*h, T, d)."""
-    return tokens.unflatten(-1, (heads, -1)).transpose(1, 2).to(
-        dtype, memory_format=torch.contiguous_format).flatten(0, 1)
-
-
 def _heads_view(tokens: torch.Tensor, heads: int) -> torch.Tensor:
     """(B, T, C) -> (B, h, T, d) strided view."""
     return tokens.unflatten(-1, (heads, -1)).transpose(1, 2)
@@ -140,19 +137,6 @@ def _clip_backward(grad: torch.Tensor, norm: torch.Tensor,
     radial = torch.where(norm > 0, inner / (safe_norm * (norm + 1)**2),
                          torch.zeros_like(norm))
     return grad_clipped / (norm + 1) - grad * radial
-
-
-def _silu_backward_into(out: torch.Tensor, grad: torch.Tensor,
-                        z: torch.Tensor):
-    """``out = grad * silu'(z)`` in one fused kernel."""
-    torch.ops.aten.silu_backward.grad_input(grad, z, grad_input=out)
-
-
-def _silu_terms(z: torch.Tensor):
-    """sigmoid(z), silu(z) and silu'(z) = sigmoid(z) * (1 + z - silu(z))."""
-    sig = torch.sigmoid(z)
-    silu = z * sig
-    return sig, silu, torch.sub(z, silu).add_(1).mul_(sig)
 
 
 def _grouped_map(tokens: torch.Tensor, height: int, width: int,
@@ -216,15 +200,9 @@ def _swiglu_forward(q, k, v, w_cat, table, layout, scale, dtype, out):
     for start, stop in chunks:
         k_rot = _rotate_to_heads(k[:, start:stop], table[start:stop], heads,
                                  dtype)
-        z1, z2 = torch.bmm(k_rot, w_cat).chunk(2, dim=-1)
-        # [v * silu(z2) | v * z1 * silu'(z2)], the -scale/N applied once
-        # below; silu' by aten's fused silu_backward.
-        v_heads = _heads_view(v[:, start:stop], heads).to(dtype)
-        terms = z1.new_empty(z1.shape[:-1] + (2 * head_dim, ))
-        a, b = (t.unflatten(0, (batch, heads)) for t in terms.chunk(2, -1))
-        z1, z2 = (t.unflatten(0, (batch, heads)) for t in (z1, z2))
-        torch.mul(F.silu(z2), v_heads, out=a)
-        _silu_backward_into(b, torch.mul(v_heads, z1), z2)
+        # the -scale/N applied once below
+        terms = swiglu_terms(
+            torch.bmm(k_rot, w_cat), _heads_view(v[:, start:stop], heads))
         grad.baddbmm_(k_rot.transpose(1, 2), terms)
     grad.mul_(-scale / layout.num_tokens)
     clipped, norm = _clip(grad, -2)
@@ -244,7 +222,7 @@ def _swiglu_backward(q, k, v, w_cat, table, layout, scale, dtype, grad_out,
                      grad_qkv_parts, grad, norm, w_new):
     """Gradients of the SwiGLU branch w.r.t. q1, k1, v1 (written into
     ``grad_qkv_parts``) and [w1 | w2] (returned, (h, d, 2d))."""
-    batch, heads, head_dim = layout.batch, layout.heads, layout.head_dim
+    batch, heads = layout.batch, layout.heads
     dq_dest, dk_dest, dv_dest = grad_qkv_parts
     chunks = _chunks(layout.num_tokens, layout.dim, q.device)
     # Pass 1: through out = p1 * silu(p2), p = q_rot @ [w1' | w2'].
@@ -252,13 +230,9 @@ def _swiglu_backward(q, k, v, w_cat, table, layout, scale, dtype, grad_out,
     for start, stop in chunks:
         q_rot = _rotate_to_heads(q[:, start:stop], table[start:stop], heads,
                                  dtype)
-        p = torch.bmm(q_rot, w_new)
-        p1, p2 = p.chunk(2, dim=-1)
-        d_out = _to_heads(grad_out[:, start:stop, :layout.dim], heads, dtype)
-        d_p = torch.empty_like(p)
-        d_p1, d_p2 = d_p.chunk(2, dim=-1)
-        torch.mul(d_out, F.silu(p2), out=d_p1)
-        _silu_backward_into(d_p2, torch.mul(d_out, p1), p2)
+        d_p = swiglu_output_backward(
+            torch.bmm(q_rot, w_new),
+            _heads_view(grad_out[:, start:stop, :layout.dim], heads))
         grad_w_new.baddbmm_(q_rot.transpose(1, 2), d_p)
         _rotate_back_into(dq_dest[:, start:stop],
                           torch.bmm(d_p, w_new.transpose(1, 2)),
@@ -271,27 +245,12 @@ def _swiglu_backward(q, k, v, w_cat, table, layout, scale, dtype, grad_out,
     for start, stop in chunks:
         k_rot = _rotate_to_heads(k[:, start:stop], table[start:stop], heads,
                                  dtype)
-        v_heads = _to_heads(v[:, start:stop], heads, dtype)
-        z = torch.bmm(k_rot, w_cat)
-        z1, z2 = z.chunk(2, dim=-1)
-        sig, silu, dsilu = _silu_terms(z2)
-        # silu''(z) = sig * (1 - sig) * (2 + z - 2 * silu(z))
-        d2silu = torch.addcmul(sig, sig, sig, value=-1).mul_(
-            torch.add(z2, silu, alpha=-2).add_(2))
-        z1_dsilu = z1 * dsilu
-        terms = torch.empty_like(z)
-        a, b = terms.chunk(2, dim=-1)
-        torch.mul(v_heads, silu, out=a)
-        torch.mul(v_heads, z1_dsilu, out=b)
+        terms, d_v, d_z = swiglu_terms_backward(
+            torch.bmm(k_rot, w_cat), _heads_view(v[:, start:stop], heads),
+            torch.bmm(k_rot, d_grad))
         d_k = torch.bmm(terms, d_grad.transpose(1, 2))
-        d_a, d_b = torch.bmm(k_rot, d_grad).chunk(2, dim=-1)
         _heads_view(dv_dest[:, start:stop], heads).copy_(
-            torch.mul(d_a, silu).addcmul_(d_b, z1_dsilu).unflatten(
-                0, (batch, heads)))
-        d_z = terms  # a and b are no longer needed
-        torch.mul(d_b, dsilu, out=a).mul_(v_heads)
-        torch.addcmul(
-            d_a.mul_(dsilu), d_b.mul_(z1), d2silu, out=b).mul_(v_heads)
+            d_v.unflatten(0, (batch, heads)))
         d_k.baddbmm_(d_z, w_cat.transpose(1, 2))
         grad_w_cat.baddbmm_(k_rot.transpose(1, 2), d_z)
         _rotate_back_into(dk_dest[:, start:stop], d_k, table[start:stop],
