@@ -35,12 +35,13 @@ def patched_convolution(out_channels: int, stride: int):
     weights = {}
 
     def forward(self, x):
-        weight = weights.setdefault(
-            x.shape[1],
-            nn.Parameter(torch.randn(out_channels(x.shape[1]), x.shape[1],
-                                     stride, stride) * .02))
+        channels = x.shape[1]
+        if channels not in weights:  # made once: the stand-in is timed
+            weights[channels] = nn.Parameter(
+                torch.randn(out_channels(channels), channels, stride, stride)
+                * .02)
         return F.conv2d(x.contiguous(memory_format=torch.channels_last),
-                        weight, stride=stride)
+                        weights[channels], stride=stride)
 
     return forward
 

@@ -511,7 +511,8 @@ def main():
         }
         results.append(dict(point, models=stats))
         summary = ', '.join(
-            f"{name} {milliseconds(s['ms'])} ms {s['peak_mib']:.0f} MiB"
+            f"{name} {milliseconds(s['ms'])} ms "
+            f"{mebibytes(s['peak_mib'])} MiB"
             for name, s in stats.items())
         size = point['size']
         print(f"{point['device']} {point['mode']} {size[0]}x{size[1]}: "
