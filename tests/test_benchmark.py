@@ -1,5 +1,6 @@
 """tools/benchmark.py end to end at toy sizes: tables, plot, raw results."""
 import json
+import os
 import os.path as osp
 import re
 
@@ -26,7 +27,11 @@ def test_benchmark_writes_ratios_plot_and_results(tmp_path):
     assert osp.getsize(out_dir / 'benchmark.png') > 10_000
 
     with open(out_dir / 'results.json') as f:
-        results = json.load(f)['results']
+        saved = json.load(f)
+    # CPU timings depend on OpenMP's wait policy, so the results say which
+    assert saved['machine']['omp_wait_policy'] == os.environ.get(
+        'OMP_WAIT_POLICY', 'default')
+    results = saved['results']
     kinds = {(r['kind'], r['mode']) for r in results}
     assert kinds == {('backbone', 'inference'), ('backbone', 'train'),
                      ('ttt-layers', 'inference'), ('ttt-layers', 'train')}

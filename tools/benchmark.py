@@ -315,6 +315,9 @@ def machine_info(threads: int) -> Dict[str, str]:
         cpu=cpu,
         cpu_count=str(os.cpu_count()),
         torch_threads=str(threads),
+        # PASSIVE puts OpenMP's threads to sleep after each parallel op, and
+        # waking them costs each op tens of microseconds on a CPU.
+        omp_wait_policy=os.environ.get('OMP_WAIT_POLICY', 'default'),
         torch=torch.__version__,
         python=platform.python_version())
     if torch.cuda.is_available():
