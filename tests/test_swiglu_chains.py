@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from mmvit3.ops import swiglu_chains
-from mmvit3.ops.swiglu_chains import (compiled_on_cpu, swiglu_output_backward,
-                                      swiglu_terms, swiglu_terms_backward)
+from mmvit3.ops.swiglu_chains import (compiled_on_cpu, swiglu_vjp,
+                                      swiglu_vjp_backward)
 
 BATCH, HEADS, TOKENS, HEAD_DIM = 2, 3, 7, 4
 
@@ -30,25 +30,15 @@ def swiglu(z):
     return z1 * F.silu(z2)
 
 
-def test_terms_are_v_times_the_swiglu_derivatives():
-    z, v, _ = inputs(torch.float64)
+def test_vjp_equals_autograd():
+    z, g, _ = inputs(torch.float64)
     z = z.requires_grad_()
-    flat_v = v.flatten(0, 1)
-    # d/dz1 and d/dz2 of v * swiglu(z), summed: v silu(z2), v z1 silu'(z2)
-    expected, = torch.autograd.grad((flat_v * swiglu(z)).sum(), z)
-    torch.testing.assert_close(swiglu_terms.eager(z.detach(), v), expected)
+    # [g silu(z2) | g z1 silu'(z2)]: with g = v, the inner gradient's terms
+    expected, = torch.autograd.grad((g.flatten(0, 1) * swiglu(z)).sum(), z)
+    torch.testing.assert_close(swiglu_vjp.eager(z.detach(), g), expected)
 
 
-def test_output_backward_equals_autograd():
-    p, grad_out, _ = inputs(torch.float64)
-    p = p.requires_grad_()
-    expected, = torch.autograd.grad(
-        (grad_out.flatten(0, 1) * swiglu(p)).sum(), p)
-    torch.testing.assert_close(
-        swiglu_output_backward.eager(p.detach(), grad_out), expected)
-
-
-def test_terms_backward_equals_autograd():
+def test_vjp_backward_equals_autograd():
     z, v, grad_terms = inputs(torch.float64)
     z, v = z.requires_grad_(), v.detach().requires_grad_()
     # the terms by autograd, kept differentiable
@@ -56,7 +46,7 @@ def test_terms_backward_equals_autograd():
                                  create_graph=True)
     expected_z, expected_v = torch.autograd.grad((terms * grad_terms).sum(),
                                                  (z, v))
-    got_terms, got_v, got_z = swiglu_terms_backward.eager(
+    got_terms, got_v, got_z = swiglu_vjp_backward.eager(
         z.detach(), v.detach(), grad_terms)
     torch.testing.assert_close(got_terms, terms.detach())
     torch.testing.assert_close(got_v, expected_v.flatten(0, 1))
@@ -67,9 +57,8 @@ def test_terms_backward_equals_autograd():
 def test_compiled_chains_match_eager(tokens):
     """Two chunk lengths: the last chunk of a map is shorter."""
     z, v, grad = (t[..., :tokens, :] for t in inputs(torch.float32))
-    for chain, args in ((swiglu_terms, (z, v)),
-                        (swiglu_output_backward, (z, v)),
-                        (swiglu_terms_backward, (z, v, grad))):
+    for chain, args in ((swiglu_vjp, (z, v)),
+                        (swiglu_vjp_backward, (z, v, grad))):
         torch.testing.assert_close(chain(*args), chain.eager(*args))
     assert not swiglu_chains._compile_failed
 

@@ -69,29 +69,23 @@ def _flat_heads(v: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 @compiled_on_cpu
-def swiglu_terms(z: Tensor, v: Tensor) -> Tensor:
-    """[v silu(z2) | v z1 silu'(z2)] for z = [z1 | z2] (B*h, T, 2d) and
-    v (B, h, T, d): the inner loss's gradient is k^T times these."""
+def swiglu_vjp(z: Tensor, g: Tensor) -> Tensor:
+    """Gradient w.r.t. z = [z1 | z2] (B*h, T, 2d) of sum(g z1 silu(z2)),
+    given g (B, h, T, d): [g silu(z2) | g z1 silu'(z2)]. With g = v these
+    are the terms whose product with k^T is the inner loss's gradient; with
+    g the output's gradient, the gradient w.r.t. the output's
+    pre-activations."""
     z1, z2 = z.chunk(2, dim=-1)
-    v = _flat_heads(v, z.dtype)
-    return torch.cat([v * F.silu(z2), _times_dsilu(v * z1, z2)], dim=-1)
+    g = _flat_heads(g, z.dtype)
+    return torch.cat([g * F.silu(z2), _times_dsilu(g * z1, z2)], dim=-1)
 
 
 @compiled_on_cpu
-def swiglu_output_backward(p: Tensor, grad_out: Tensor) -> Tensor:
-    """Gradient w.r.t. p = [p1 | p2] (B*h, T, 2d) of p1 silu(p2), given
-    ``grad_out`` (B, h, T, d)."""
-    p1, p2 = p.chunk(2, dim=-1)
-    grad_out = _flat_heads(grad_out, p.dtype)
-    return torch.cat(
-        [grad_out * F.silu(p2), _times_dsilu(grad_out * p1, p2)], dim=-1)
-
-
-@compiled_on_cpu
-def swiglu_terms_backward(z: Tensor, v: Tensor,
-                          grad_terms: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """:func:`swiglu_terms` again, and its gradients w.r.t. v (B*h, T, d)
-    and z (B*h, T, 2d), given ``grad_terms`` (B*h, T, 2d)."""
+def swiglu_vjp_backward(z: Tensor, v: Tensor,
+                        grad_terms: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """The terms :func:`swiglu_vjp` ``(z, v)`` again, and their gradients
+    w.r.t. v (B*h, T, d) and z (B*h, T, 2d), given ``grad_terms``
+    (B*h, T, 2d)."""
     z1, z2 = z.chunk(2, dim=-1)
     grad_a, grad_b = grad_terms.chunk(2, dim=-1)
     v = _flat_heads(v, z.dtype)

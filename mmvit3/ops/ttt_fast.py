@@ -28,8 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .depthwise import depthwise_conv3x3, depthwise_conv3x3_backward
-from .swiglu_chains import (swiglu_output_backward, swiglu_terms,
-                            swiglu_terms_backward)
+from .swiglu_chains import swiglu_vjp, swiglu_vjp_backward
 
 # Elements (tokens x channels) per chunk of the SwiGLU branch: its
 # intermediates stay a few MiB, while each op still gets enough work that a
@@ -201,7 +200,7 @@ def _swiglu_forward(q, k, v, w_cat, table, layout, scale, dtype, out):
         k_rot = _rotate_to_heads(k[:, start:stop], table[start:stop], heads,
                                  dtype)
         # the -scale/N applied once below
-        terms = swiglu_terms(
+        terms = swiglu_vjp(
             torch.bmm(k_rot, w_cat), _heads_view(v[:, start:stop], heads))
         grad.baddbmm_(k_rot.transpose(1, 2), terms)
     grad.mul_(-scale / layout.num_tokens)
@@ -230,7 +229,7 @@ def _swiglu_backward(q, k, v, w_cat, table, layout, scale, dtype, grad_out,
     for start, stop in chunks:
         q_rot = _rotate_to_heads(q[:, start:stop], table[start:stop], heads,
                                  dtype)
-        d_p = swiglu_output_backward(
+        d_p = swiglu_vjp(
             torch.bmm(q_rot, w_new),
             _heads_view(grad_out[:, start:stop, :layout.dim], heads))
         grad_w_new.baddbmm_(q_rot.transpose(1, 2), d_p)
@@ -245,7 +244,7 @@ def _swiglu_backward(q, k, v, w_cat, table, layout, scale, dtype, grad_out,
     for start, stop in chunks:
         k_rot = _rotate_to_heads(k[:, start:stop], table[start:stop], heads,
                                  dtype)
-        terms, d_v, d_z = swiglu_terms_backward(
+        terms, d_v, d_z = swiglu_vjp_backward(
             torch.bmm(k_rot, w_cat), _heads_view(v[:, start:stop], heads),
             torch.bmm(k_rot, d_grad))
         d_k = torch.bmm(terms, d_grad.transpose(1, 2))
