@@ -50,7 +50,8 @@ def parts():
     """{model: {part: [(object, attribute, stand-in), ...]}}."""
     from mmcv.cnn.bricks.transformer import FFN
     from mmdet.models.backbones.swin import ShiftWindowMSA
-    next_dims = {64: 128, 128: 320, 320: 512}
+    dims = hvit3.ARCH_SETTINGS['tiny']['dims']
+    next_dims = dict(zip(dims, dims[1:]))
     return {
         'hvit3-t': {
             'TTT inner step': [(hvit3, 'fast_ttt',
@@ -62,7 +63,7 @@ def parts():
             'MLP': [(hvit3.Mlp, 'forward',
                      lambda self, x, height, width: x * 1.)],
             'stem': [(hvit3.Stem, 'forward',
-                      patched_convolution(lambda _: 64, 4))],
+                      patched_convolution(lambda _: dims[0], 4))],
             'downsampling': [(hvit3.Downsample, 'forward',
                               patched_convolution(next_dims.get, 2))],
         },
