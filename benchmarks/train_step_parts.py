@@ -3,7 +3,13 @@ replaced in turn by a near-free stand-in, timed interleaved with the whole
 backbones; a part's share is the whole step's time less the step without it.
 
     python benchmarks/train_step_parts.py [--size 512x512] [--batch 2]
-        [--repeats 5] [--threads N]
+        [--repeats 5] [--threads N] [--setting module.NAME=VALUE ...]
+
+With ``--setting`` it times H-ViT3-T's whole step under each module-level
+setting instead (a chunk or band size, say), interleaved with the step as
+it is and Swin-T's: what a setting saves alone, in a micro-benchmark of one
+layer, can vanish in the step, where the neighbours' memory traffic and the
+allocator's state differ.
 
 Profilers attribute time per operator, and on a CPU whose memory traffic
 sets the speed they charge an operator for the cache misses and page faults
@@ -13,6 +19,8 @@ their input (times one), the stem is a 4x4 stride-4 convolution (Swin-T's
 patch embedding), downsampling a 2x2 stride-2 convolution.
 """
 import argparse
+import ast
+import importlib
 import os.path as osp
 import statistics
 import sys
@@ -76,7 +84,30 @@ def parts():
     }
 
 
-def without(step, patches):
+def setting(text: str):
+    """``'package.module.NAME=VALUE'`` -> a patch (module, NAME, VALUE);
+    VALUE is a Python literal."""
+    target, equals, value = text.partition('=')
+    module_name, _, name = target.rpartition('.')
+    if not equals or not module_name:
+        raise argparse.ArgumentTypeError(
+            f'expected module.NAME=VALUE, got {text!r}')
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if not hasattr(module, name):
+        raise argparse.ArgumentTypeError(f'{module_name} has no {name!r}')
+    try:
+        return module, name, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        raise argparse.ArgumentTypeError(
+            f'{value!r} is not a Python literal') from None
+
+
+def patched(step, patches):
+    """``step`` with the ``(object, attribute, value)`` patches applied."""
+
     def run():
         with ExitStack() as stack:
             for owner, name, stand_in in patches:
@@ -92,7 +123,14 @@ def main():
     parser.add_argument('--batch', type=int, default=2)
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--threads', type=int)
+    parser.add_argument(
+        '--setting', action='append', default=[], type=setting,
+        metavar='MODULE.NAME=VALUE',
+        help='time H-ViT3-T with this module attribute set (repeatable), '
+        'instead of the parts')
     args = parser.parse_args()
+    settings = {f'{module.__name__}.{name}={value!r}': (module, name, value)
+                for module, name, value in args.setting}
     if args.threads:
         torch.set_num_threads(args.threads)
     benchmark.CpuPeakMemory().exact(False)
@@ -103,8 +141,12 @@ def main():
     for name, model in backbones.items():
         step = benchmark.make_step(model, 'train', image)
         steps[name] = step
+        if settings:
+            continue
         for part, patches in model_parts[name].items():
-            steps[f'{name} without {part}'] = without(step, patches)
+            steps[f'{name} without {part}'] = patched(step, patches)
+    for text, patch in settings.items():
+        steps[f'hvit3-t with {text}'] = patched(steps['hvit3-t'], [patch])
     times = {
         name: statistics.median(samples)
         for name, samples in benchmark.run_times(steps, 'cpu',
@@ -112,6 +154,25 @@ def main():
     }
     print(f'training step, batch {args.batch}, {args.size}, '
           f'{torch.get_num_threads()} threads, medians of {args.repeats}')
+    if settings:
+        print_settings(times, list(settings))
+    else:
+        print_parts(times, model_parts)
+
+
+def print_settings(times, settings):
+    print('\n| H-ViT3-T | ms | x as it is | x Swin-T |\n| --- | --- | --- '
+          '| --- |')
+    rows = [('as it is', 'hvit3-t')] + [(text, f'hvit3-t with {text}')
+                                         for text in settings]
+    for label, name in rows:
+        print(f'| {label} | {times[name]:.0f} | '
+              f'{times[name] / times["hvit3-t"]:.3f} | '
+              f'{times[name] / times["swin-t"]:.3f} |')
+    print(f'| Swin-T | {times["swin-t"]:.0f} | | |')
+
+
+def print_parts(times, model_parts):
     print('\n| model | part | ms | share of the step |\n| --- | --- | --- '
           '| --- |')
     for name in model_parts:

@@ -1,4 +1,5 @@
 """tools/benchmark.py end to end at toy sizes: tables, plot, raw results."""
+import argparse
 import json
 import os
 import os.path as osp
@@ -99,9 +100,31 @@ def test_each_stand_in_removes_its_part_and_keeps_the_gradient_path():
         assert set(parts) == set(removed[name])
         for part, patches in parts.items():
             model.zero_grad(set_to_none=True)
-            parts_tool.without(
+            parts_tool.patched(
                 lambda: sum(out.mean() for out in model(image)).backward(),
                 patches)()
             for param_name, param in model.named_parameters():
                 gone = any(key in param_name for key in removed[name][part])
                 assert (param.grad is None) == gone, (name, part, param_name)
+
+
+def test_setting_applies_during_the_step_only():
+    """benchmarks/train_step_parts.py --setting: a module attribute patched
+    for the variant's step, restored after; bad settings are refused."""
+    parts_tool = load_tool('train_step_parts', folder='benchmarks')
+    chunk_setting = parts_tool.setting(
+        'mmvit3.ops.ttt_fast.CPU_CHUNK_ELEMENTS=100')
+    module, name, value = chunk_setting
+    assert (module.__name__, name, value) == ('mmvit3.ops.ttt_fast',
+                                              'CPU_CHUNK_ELEMENTS', 100)
+    before = module.CPU_CHUNK_ELEMENTS
+    seen = []
+    parts_tool.patched(lambda: seen.append(module.CPU_CHUNK_ELEMENTS),
+                       [chunk_setting])()
+    assert seen == [100] and module.CPU_CHUNK_ELEMENTS == before
+    for bad in ('CPU_CHUNK_ELEMENTS=1', 'mmvit3.ops.ttt_fast.NO_SUCH=1',
+                'mmvit3.no_such_module.X=1',
+                'mmvit3.ops.ttt_fast.CPU_CHUNK_ELEMENTS=1 <<',
+                'mmvit3.ops.ttt_fast.CPU_CHUNK_ELEMENTS'):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parts_tool.setting(bad)
