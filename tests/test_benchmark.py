@@ -128,3 +128,19 @@ def test_setting_applies_during_the_step_only():
                 'mmvit3.ops.ttt_fast.CPU_CHUNK_ELEMENTS'):
         with pytest.raises(argparse.ArgumentTypeError):
             parts_tool.setting(bad)
+
+
+@pytest.mark.slow
+def test_setting_run_prints_each_variant_against_both_steps():
+    result = run_tool('benchmarks/train_step_parts.py', '--threads', '1',
+                      '--size', '64x64', '--repeats', '1', '--setting',
+                      'mmvit3.ops.ttt_fast.CPU_CHUNK_ELEMENTS=100')
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [[cell.strip() for cell in line.strip('|').split('|')]
+            for line in result.stdout.splitlines()
+            if line.startswith('| ')][2:]  # after the header
+    assert [row[0] for row in rows] == [
+        'as it is', 'mmvit3.ops.ttt_fast.CPU_CHUNK_ELEMENTS=100', 'Swin-T']
+    assert rows[0][2] == '1.000' and float(rows[1][2]) > 0
+    assert rows[2][1].isdigit() and rows[2][2:] == ['', '']
+    assert 'without' not in result.stdout  # the parts are not timed
