@@ -16,7 +16,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..ops import depthwise_ttt, fast_ttt, fused_mlp, rope_2d, swiglu_ttt
 from ..ops.bands import band_rows
-from ..ops.depthwise import plus_identity_tap, tokens_as_map
+from ..ops.depthwise import (depthwise_conv2d, plus_identity_tap,
+                             tokens_as_map)
 
 HEAD_DIM = 32
 # Loss scale of both inner branches: 9 ** -0.5 (three taps per side).
@@ -130,8 +131,11 @@ class ConvNorm(nn.Sequential):
             bias = folded_bias if bias is None else folded_bias + bias * scale
             weight = weight * scale[:, None, None, None]
         padding = conv.padding if pad_rows else (0, conv.padding[1])
-        x = F.conv2d(x, weight, bias, conv.stride, padding, conv.dilation,
-                     conv.groups)
+        if conv.groups == conv.in_channels == conv.out_channels > 1:
+            x = depthwise_conv2d(x, weight, bias, conv.stride, padding)
+        else:
+            x = F.conv2d(x, weight, bias, conv.stride, padding,
+                         conv.dilation, conv.groups)
         return self.act(x) if hasattr(self, 'act') else x
 
     def output_height(self, height: int) -> int:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .autocast import autocast_inputs
 from .bands import band_rows
 from .depthwise import (depthwise_conv3x3, depthwise_conv3x3_backward,
                         plus_identity_tap, tokens_as_map)
@@ -175,13 +176,9 @@ def fused_mlp(x: torch.Tensor,
             or tuple(dwc_weight.shape) != (hidden, 1, 3, 3)
             or tuple(fc2_weight.shape[1:]) != (hidden, )):
         raise ValueError('fused_mlp: weight shapes do not match x')
-    args = [x, fc1_weight, fc1_bias, dwc_weight, dwc_bias, fc2_weight,
-            fc2_bias]
     device = x.device.type
-    if torch.is_autocast_enabled(device):
-        # Autocast's own rule: float64 is left alone.
-        dtype = torch.get_autocast_dtype(device)
-        args = [t if t.dtype == torch.float64 else t.to(dtype) for t in args]
+    args = autocast_inputs(device, x, fc1_weight, fc1_bias, dwc_weight,
+                           dwc_bias, fc2_weight, fc2_bias)
     with torch.autocast(device, enabled=False):
         if torch.is_grad_enabled() and any(t.requires_grad for t in args):
             return FusedMlp.apply(*args, height, width, recompute_fc1)
