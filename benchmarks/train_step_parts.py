@@ -3,7 +3,8 @@ replaced in turn by a near-free stand-in, timed interleaved with the whole
 backbones; a part's share is the whole step's time less the step without it.
 
     python benchmarks/train_step_parts.py [--size 512x512] [--batch 2]
-        [--repeats 5] [--threads N] [--setting module.NAME=VALUE ...]
+        [--repeats 5] [--threads N] [--amp {bf16,fp16}]
+        [--setting module.NAME=VALUE ...]
 
 With ``--setting`` it times H-ViT3-T's whole step under each module-level
 setting instead (a chunk or band size, say), interleaved with the step as
@@ -124,6 +125,9 @@ def main():
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--threads', type=int)
     parser.add_argument(
+        '--amp', choices=sorted(benchmark.AMP_DTYPES),
+        help='forward under torch.autocast in this dtype (default: float32)')
+    parser.add_argument(
         '--setting', action='append', default=[], type=setting,
         metavar='MODULE.NAME=VALUE',
         help='time H-ViT3-T with this module attribute set (repeatable), '
@@ -139,7 +143,7 @@ def main():
     image = torch.randn(args.batch, 3, *benchmark.parse_size(args.size))
     steps = {}
     for name, model in backbones.items():
-        step = benchmark.make_step(model, 'train', image)
+        step = benchmark.make_step(model, 'train', image, args.amp)
         steps[name] = step
         if settings:
             continue
@@ -153,7 +157,8 @@ def main():
                                                  args.repeats).items()
     }
     print(f'training step, batch {args.batch}, {args.size}, '
-          f'{torch.get_num_threads()} threads, medians of {args.repeats}')
+          f"{args.amp or 'float32'}, {torch.get_num_threads()} threads, "
+          f'medians of {args.repeats}')
     if settings:
         print_settings(times, list(settings))
     else:

@@ -75,6 +75,40 @@ def test_compile_option_compiles_every_backbone(monkeypatch):
     assert compiled == [dict(mode='reduce-overhead', dynamic=False)] * 2
 
 
+class AutocastProbe(torch.nn.Module):
+    """Records whether autocast is on in its forward (with the output's
+    dtype) and when its output's gradient is computed."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+        self.seen = []
+
+    def forward(self, image):
+        out = self.conv(image)
+        self.seen.append(('forward', torch.is_autocast_enabled('cpu'),
+                          out.dtype))
+        if out.requires_grad:
+            out.register_hook(lambda grad: self.seen.append(
+                ('backward', torch.is_autocast_enabled('cpu'), grad.dtype)))
+        return [out]
+
+
+@pytest.mark.parametrize('amp, dtype', [(None, torch.float32),
+                                        ('bf16', torch.bfloat16),
+                                        ('fp16', torch.float16)])
+def test_amp_option_autocasts_the_forward_only(amp, dtype):
+    benchmark = load_tool('benchmark')
+    for mode in ('inference', 'train'):
+        probe = AutocastProbe()
+        benchmark.make_steps({'probe': probe}, 'cpu', mode, (8, 8), 2,
+                             amp=amp)['probe']()
+        expected = [('forward', amp is not None, dtype)]
+        if mode == 'train':
+            expected.append(('backward', False, dtype))
+        assert probe.seen == expected
+
+
 def test_each_stand_in_removes_its_part_and_keeps_the_gradient_path():
     """benchmarks/train_step_parts.py: with a part replaced, that part's
     parameters get no gradient and all others still do."""
@@ -133,9 +167,11 @@ def test_setting_applies_during_the_step_only():
 @pytest.mark.slow
 def test_setting_run_prints_each_variant_against_both_steps():
     result = run_tool('benchmarks/train_step_parts.py', '--threads', '1',
-                      '--size', '64x64', '--repeats', '1', '--setting',
+                      '--size', '64x64', '--repeats', '1', '--amp', 'bf16',
+                      '--setting',
                       'mmvit3.ops.ttt_fast.CPU_CHUNK_ELEMENTS=100')
     assert result.returncode == 0, result.stderr[-3000:]
+    assert 'training step, batch 2, 64x64, bf16,' in result.stdout
     rows = [[cell.strip() for cell in line.strip('|').split('|')]
             for line in result.stdout.splitlines()
             if line.startswith('| ')][2:]  # after the header

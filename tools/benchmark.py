@@ -2,7 +2,8 @@
 
     python tools/benchmark.py [--devices cpu cuda] [--sizes 512x512 ...]
         [--train-sizes 512x512 ...] [--train-batch 2] [--repeats 5]
-        [--threads N] [--compile MODE] [--out-dir benchmarks]
+        [--threads N] [--compile MODE] [--amp {bf16,fp16}]
+        [--out-dir benchmarks]
 
 Three backbones are built in one process, as the detection configs build
 them (``configs/mask_rcnn/mask-rcnn_hvit3-t_fpn_1x_coco.py`` and mmdet's
@@ -16,6 +17,10 @@ are reported, with ratios to Swin-T and to the plain path.
 - inference: batch 1, ``torch.no_grad()``, eval mode;
 - train: a training step, forward + backward of the summed output means, at
   ``--train-batch`` images, train mode (drop path and BatchNorm as trained).
+
+With ``--amp`` every forward runs under ``torch.autocast`` in that dtype (the
+published recipes train with AMP); backward runs outside it, as in mmengine's
+``AmpOptimWrapper``. Without it, everything is float32.
 
 Time: wall clock on the CPU; CUDA events on a GPU. Peak memory: on a GPU,
 ``torch.cuda.max_memory_allocated`` above what was allocated before the run;
@@ -58,6 +63,7 @@ HVIT3_CONFIG = osp.join(ROOT, 'configs', 'mask_rcnn',
 SWIN_CONFIG = 'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py'
 MODELS = ('hvit3-t', 'hvit3-t-plain', 'swin-t')
 DEFAULT_SIZES = ('512x512', '1024x1024', '800x1216', '2048x2048')
+AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 DEFAULT_TRAIN_SIZES = {
     'cpu': ('512x512', '1024x1024'),
     'cuda': DEFAULT_SIZES,
@@ -100,6 +106,9 @@ def parse_args():
                  'max-autotune-no-cudagraphs'],
         help='torch.compile every backbone with this mode, one graph per '
         'size (dynamic=False); the warm-up run compiles')
+    parser.add_argument(
+        '--amp', choices=sorted(AMP_DTYPES),
+        help='forward under torch.autocast in this dtype (default: float32)')
     parser.add_argument('--out-dir', default='benchmarks')
     return parser.parse_args()
 
@@ -242,33 +251,44 @@ def timed_run(fn: Callable[[], None], device: str,
     return elapsed, peak
 
 
-def make_step(model: nn.Module, mode: str, image: torch.Tensor):
+def make_step(model: nn.Module, mode: str, image: torch.Tensor,
+              amp: Optional[str] = None):
+    """One inference or training step of ``model`` on ``image``; ``amp``:
+    a key of ``AMP_DTYPES`` to run the forward under autocast."""
+
+    def autocast():
+        return torch.autocast(image.device.type, dtype=AMP_DTYPES.get(amp),
+                              enabled=amp is not None)
+
     if mode == 'inference':
         model.eval()
 
         def step():
-            with torch.no_grad():
+            with torch.no_grad(), autocast():
                 model(image)
     else:
         model.train()
 
         def step():
             model.zero_grad(set_to_none=True)
-            sum(out.mean() for out in model(image)).backward()
+            with autocast():
+                outs = model(image)
+            sum(out.mean() for out in outs).backward()
             model.zero_grad(set_to_none=True)
     return step
 
 
 def make_steps(backbones: Dict[str, nn.Module], device: str, mode: str,
                size: Tuple[int, int], batch: int,
-               compile_mode: Optional[str] = None) -> Dict[str, Callable]:
+               compile_mode: Optional[str] = None,
+               amp: Optional[str] = None) -> Dict[str, Callable]:
     image = torch.randn(batch, 3, *size, device=device)
     steps = {}
     for name, model in backbones.items():
         model = model.to(device)
         if compile_mode:
             model = torch.compile(model, mode=compile_mode, dynamic=False)
-        steps[name] = make_step(model, mode, image)
+        steps[name] = make_step(model, mode, image, amp)
     return steps
 
 
@@ -473,6 +493,7 @@ def main():
     cpu_memory = CpuPeakMemory()
     info = machine_info(torch.get_num_threads())
     info['compile'] = args.compile or 'eager'
+    info['amp'] = args.amp or 'float32'
     print('machine: ' + ', '.join(f'{k} {v}' for k, v in info.items()),
           flush=True)
     points = []
@@ -493,7 +514,8 @@ def main():
         models = {name: model for name, model in suites[point['kind']].items()
                   if names is None or name in names}
         return make_steps(models, point['device'], point['mode'],
-                          point['size'], point['batch'], args.compile)
+                          point['size'], point['batch'], args.compile,
+                          args.amp)
 
     # All peaks first, while no timed run has left freed tensors in the
     # heap; then all times, with the allocator as users have it.
