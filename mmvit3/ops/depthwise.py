@@ -61,8 +61,8 @@ class StridedDepthwiseConv(torch.autograd.Function):
     """A strided depthwise convolution whose input gradient is computed in
     float32 and rounded once.
 
-    On a CPU, aten's bfloat16 / float16 kernel for that gradient is 4 to
-    30 x slower than its float32 one (the first downsampling layer's,
+    On a CPU, aten's bfloat16 / float16 kernel for that gradient is 6 to
+    47 x slower than its float32 one (the first downsampling layer's,
     2 x 512 x 64² -> 128²: 122 ms, against 29 ms with the casts).
     """
 
@@ -80,22 +80,26 @@ class StridedDepthwiseConv(torch.autograd.Function):
         need = ctx.needs_input_grad
         channels = x.shape[1]
         grad_x = grad_weight = grad_bias = None
-        if need[0]:
-            # the rows / columns at the bottom / right that no output reads
-            unread = [
-                size - ((out - 1) * step - 2 * pad + kernel)
-                for size, out, step, pad, kernel in zip(
-                    x.shape[2:], grad_out.shape[2:], stride, padding,
-                    weight.shape[2:])
-            ]
-            grad_x = F.conv_transpose2d(grad_out.float(), weight.float(),
-                                        None, stride, padding, unread,
-                                        channels).to(x.dtype)
-        if need[1] or need[2]:
-            _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-                grad_out, x, weight, [channels] if has_bias else None,
-                stride, padding, [1, 1], False, [0, 0], channels,
-                [False, need[1], need[2]])
+        # in float32 as meant, also where backward runs under autocast
+        with torch.autocast(x.device.type, enabled=False):
+            if need[0]:
+                # rows / columns at the bottom / right that no output reads
+                unread = [
+                    size - ((out - 1) * step - 2 * pad + kernel)
+                    for size, out, step, pad, kernel in zip(
+                        x.shape[2:], grad_out.shape[2:], stride, padding,
+                        weight.shape[2:])
+                ]
+                grad_x = F.conv_transpose2d(grad_out.float(), weight.float(),
+                                            None, stride, padding, unread,
+                                            channels).to(x.dtype)
+            if need[1] or need[2]:
+                _, grad_weight, grad_bias = (
+                    torch.ops.aten.convolution_backward(
+                        grad_out, x, weight,
+                        [channels] if has_bias else None, stride, padding,
+                        [1, 1], False, [0, 0], channels,
+                        [False, need[1], need[2]]))
         return grad_x, grad_weight, grad_bias, None, None
 
 
