@@ -45,16 +45,19 @@ def plus_identity_tap(kernels: torch.Tensor) -> torch.Tensor:
 
 def depthwise_conv3x3_backward(
     grad_out: torch.Tensor, maps: torch.Tensor, kernels: torch.Tensor,
-    need_input: bool, need_kernels: bool, need_bias: bool = False
+    need_input: bool, need_kernels: bool, need_bias: bool = False,
+    stride: Tuple[int, int] = (1, 1), padding: Tuple[int, int] = (1, 1)
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor],
            Optional[torch.Tensor]]:
-    """Input, kernel and bias gradients of :func:`depthwise_conv3x3`, each
-    None unless asked for. The kernel gradient is the correlation of the
+    """Input, kernel and bias gradients of :func:`depthwise_conv3x3` (or of
+    a depthwise convolution of another ``stride`` / ``padding``), each None
+    unless asked for. The kernel gradient is the correlation of the
     zero-padded ``maps`` with ``grad_out``, per channel."""
     channels = maps.shape[1]
     return torch.ops.aten.convolution_backward(
-        grad_out, maps, kernels, [channels], [1, 1], [1, 1], [1, 1], False,
-        [0, 0], channels, [need_input, need_kernels, need_bias])
+        grad_out, maps, kernels, [channels], list(stride), list(padding),
+        [1, 1], False, [0, 0], channels,
+        [need_input, need_kernels, need_bias])
 
 
 class StridedDepthwiseConv(torch.autograd.Function):
@@ -69,14 +72,14 @@ class StridedDepthwiseConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding):
         ctx.save_for_backward(x, weight)
-        ctx.geometry = stride, padding, bias is not None
+        ctx.geometry = stride, padding
         return F.conv2d(x, weight, bias, stride, padding, groups=x.shape[1])
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        stride, padding, has_bias = ctx.geometry
+        stride, padding = ctx.geometry
         need = ctx.needs_input_grad
         channels = x.shape[1]
         grad_x = grad_weight = grad_bias = None
@@ -94,12 +97,9 @@ class StridedDepthwiseConv(torch.autograd.Function):
                                             None, stride, padding, unread,
                                             channels).to(x.dtype)
             if need[1] or need[2]:
-                _, grad_weight, grad_bias = (
-                    torch.ops.aten.convolution_backward(
-                        grad_out, x, weight,
-                        [channels] if has_bias else None, stride, padding,
-                        [1, 1], False, [0, 0], channels,
-                        [False, need[1], need[2]]))
+                _, grad_weight, grad_bias = depthwise_conv3x3_backward(
+                    grad_out, x, weight, False, need[1], need[2], stride,
+                    padding)
         return grad_x, grad_weight, grad_bias, None, None
 
 
