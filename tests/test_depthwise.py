@@ -27,7 +27,7 @@ def graph_nodes(node) -> set:
     return names
 
 
-def relative_error(actual, expected):
+def max_relative_error(actual, expected):
     return ((actual.double() - expected).abs().max() /
             expected.abs().max()).item()
 
@@ -51,11 +51,11 @@ def test_half_precision_gradients_match_float64(dtype, size):
     expected = F.conv2d(*inputs64, 2, 1, groups=channels)
     expected_grads = torch.autograd.grad(expected, inputs64,
                                          grad_out.double())
-    assert relative_error(out, expected) < TOLERANCE[dtype]
+    assert max_relative_error(out, expected) < TOLERANCE[dtype]
     for grad, reference, tensor in zip(grads, expected_grads, (x, weight,
                                                                bias)):
         assert grad.dtype == dtype and grad.shape == tensor.shape
-        assert relative_error(grad, reference) < TOLERANCE[dtype]
+        assert max_relative_error(grad, reference) < TOLERANCE[dtype]
 
 
 def test_autocast_casts_like_conv2d_and_float32_stays_on_aten():
@@ -94,4 +94,4 @@ def test_downsampling_under_bf16_autocast_matches_atens_kernels(
         results.append([out.float(), x_in.grad] +
                        [p.grad for p in layer.parameters()])
     for ours, atens in zip(*results):
-        assert relative_error(ours, atens.double()) < 1e-2
+        assert max_relative_error(ours, atens.double()) < 1e-2
