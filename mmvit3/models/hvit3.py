@@ -16,8 +16,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..ops import depthwise_ttt, fast_ttt, fused_mlp, rope_2d, swiglu_ttt
 from ..ops.bands import band_rows
-from ..ops.depthwise import (depthwise_conv2d, plus_identity_tap,
-                             tokens_as_map)
+from ..ops.conv import conv2d
+from ..ops.depthwise import plus_identity_tap, tokens_as_map
 
 HEAD_DIM = 32
 # Loss scale of both inner branches: 9 ** -0.5 (three taps per side).
@@ -117,13 +117,12 @@ class ConvNorm(nn.Sequential):
     def forward(self, x, pad_rows: bool = True):
         """``pad_rows=False`` pads the columns only: for bands of rows that
         bring their neighbours' rows (:func:`run_in_bands`)."""
-        if not self.foldable:
-            if not pad_rows:
-                raise ValueError('bands of rows need eval-mode BatchNorm')
-            return super().forward(x)
         conv, norm = self.conv, getattr(self, 'norm', None)
+        fold = self.foldable
+        if not (fold or pad_rows):
+            raise ValueError('bands of rows need eval-mode BatchNorm')
         weight, bias = conv.weight, conv.bias
-        if norm is not None:
+        if fold and norm is not None:
             # Eval-mode BatchNorm is a per-channel affine map: folded into
             # the convolution it costs no pass over the (large, early) maps.
             scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
@@ -131,11 +130,9 @@ class ConvNorm(nn.Sequential):
             bias = folded_bias if bias is None else folded_bias + bias * scale
             weight = weight * scale[:, None, None, None]
         padding = conv.padding if pad_rows else (0, conv.padding[1])
-        if conv.groups == conv.in_channels == conv.out_channels > 1:
-            x = depthwise_conv2d(x, weight, bias, conv.stride, padding)
-        else:
-            x = F.conv2d(x, weight, bias, conv.stride, padding,
-                         conv.dilation, conv.groups)
+        x = conv2d(x, weight, bias, conv.stride, padding, conv.groups)
+        if not fold:
+            x = norm(x)
         return self.act(x) if hasattr(self, 'act') else x
 
     def output_height(self, height: int) -> int:
@@ -363,8 +360,8 @@ class DepthwiseConv(nn.Conv2d):
     def forward(self, x, height: int, width: int, residual: bool = False):
         weight = plus_identity_tap(self.weight) if residual else self.weight
         return map_to_tokens(
-            self._conv_forward(tokens_to_map(x, height, width), weight,
-                               self.bias))
+            conv2d(tokens_to_map(x, height, width), weight, self.bias,
+                   self.stride, self.padding, self.groups))
 
 
 class Mlp(_Switchable, nn.Module):
