@@ -14,7 +14,7 @@ convolutions feeding it cancel almost exactly, in any network.
 import pytest
 import torch
 
-from conftest import DEVICES, requires_cuda
+from conftest import DEVICES
 from mmvit3.models import HViT3
 from mmvit3.ops import fast_ttt
 
@@ -58,22 +58,15 @@ def check_against_float32(device, dtype, height, width):
 
 
 @pytest.mark.slow
-def test_bf16_autocast_at_1333x800_cpu():
-    check_against_float32('cpu', torch.bfloat16, 800, 1333)
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16],
+                         ids=['fp16', 'bf16'])
+@pytest.mark.parametrize('device', DEVICES)
+def test_autocast_at_1333x800(dtype, device):
+    check_against_float32(device, dtype, 800, 1333)
 
 
-def test_fp16_autocast_cpu():
-    # fp16 convolutions on a CPU run a reference kernel: a small image only
-    check_against_float32('cpu', torch.float16, 128, 192)
-
-
-@requires_cuda
-@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
-def test_autocast_at_1333x800_cuda(dtype):
-    check_against_float32('cuda', dtype, 800, 1333)
-
-
-@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16],
+                         ids=['fp16', 'bf16'])
 @pytest.mark.parametrize('device', DEVICES)
 def test_inner_step_runs_in_float32(dtype, device):
     """Reduced-precision q, k, v give the float32 result on those values,
