@@ -180,3 +180,23 @@ def test_setting_run_prints_each_variant_against_both_steps():
     assert rows[0][2] == '1.000' and float(rows[1][2]) > 0
     assert rows[2][1].isdigit() and rows[2][2:] == ['', '']
     assert 'without' not in result.stdout  # the parts are not timed
+
+
+def test_half_conv_grads_times_each_convolution_in_each_dtype(capsys):
+    """benchmarks/half_conv_grads.py: a row per convolution and dtype, each
+    time against float32's on aten's kernels."""
+    half_conv_grads = load_tool('half_conv_grads', folder='benchmarks')
+    half_conv_grads.main(['--size', '32', '--batch', '1', '--repeats', '1'])
+    rows = [[cell.strip() for cell in line.strip('|').split('|')]
+            for line in capsys.readouterr().out.splitlines()
+            if line.startswith('| ')][2:]  # after the header
+    names = [spec[0] for spec in half_conv_grads.convolutions(32)]
+    assert [row[:2] for row in rows] == [[name, dtype] for name in names
+                                         for dtype in ('float32', 'bf16',
+                                                       'fp16')]
+    for row in rows:
+        cells = [re.fullmatch(r'(\d+\.\d) \((\d+\.\d\d)\)', cell)
+                 for cell in row[2:]]
+        assert all(cells), row
+        if row[1] == 'float32':  # its own baseline on aten's kernels
+            assert [cell[2] for cell in cells[:3]] == ['1.00'] * 3
