@@ -61,6 +61,15 @@ def _input_grad(grad_out, weight, input_size, stride, padding, groups):
                               groups)
 
 
+def _slow_cpu_grads(x: torch.Tensor, weight: torch.Tensor, groups: int,
+                    stride: Sequence[int]) -> Tuple[bool, bool]:
+    """:func:`slow_half_grads` for this convolution; none off a CPU."""
+    if x.device.type != 'cpu':
+        return False, False
+    depthwise = groups == x.shape[1] == weight.shape[0] > 1
+    return slow_half_grads(x.dtype, depthwise, stride)
+
+
 def conv_backward(grad_out: torch.Tensor, x: torch.Tensor,
                   weight: torch.Tensor, stride: Sequence[int],
                   padding: Sequence[int], groups: int, need: Sequence[bool]
@@ -68,28 +77,27 @@ def conv_backward(grad_out: torch.Tensor, x: torch.Tensor,
     """Input, weight and bias gradients of ``F.conv2d(x, weight, bias,
     stride, padding, groups=groups)``, each None unless ``need``-ed; on a
     CPU those that :func:`slow_half_grads` names are computed in float32."""
-    float_input = float_params = False
-    if x.device.type == 'cpu':
-        depthwise = groups == x.shape[1] == weight.shape[0] > 1
-        float_input, float_params = slow_half_grads(x.dtype, depthwise,
-                                                    stride)
-    in_float = float_input, float_params, float_params
+    slow_input, slow_params = _slow_cpu_grads(x, weight, groups, stride)
+    in_float = [
+        wanted and slow
+        for wanted, slow in zip(need, (slow_input, slow_params, slow_params))
+    ]
     on_aten = [wanted and not slow for wanted, slow in zip(need, in_float)]
     grads: List[Optional[torch.Tensor]] = [None, None, None]
     if any(on_aten):
         grads = list(
             _aten_conv_backward(grad_out, x, weight, stride, padding, groups,
                                 on_aten))
-    if not any(wanted and slow for wanted, slow in zip(need, in_float)):
+    if not any(in_float):
         return grads
     grad_out32, weight32 = grad_out.float(), weight.float()
-    if need[0] and float_input:
+    if in_float[0]:
         grads[0] = _input_grad(grad_out32, weight32, x.shape, stride,
                                padding, groups).to(x.dtype)
-    if (need[1] or need[2]) and float_params:
+    if in_float[1] or in_float[2]:
         _, grad_weight, grad_bias = _aten_conv_backward(
             grad_out32, x.float(), weight32, stride, padding, groups,
-            [False, need[1], need[2]])
+            [False, *in_float[1:]])
         grads[1:] = [
             None if grad is None else grad.to(weight.dtype)
             for grad in (grad_weight, grad_bias)
@@ -131,8 +139,7 @@ def conv2d(x: torch.Tensor,
     if (x.device.type == 'cpu' and torch.is_grad_enabled()
             and not torch.jit.is_tracing()):
         args = autocast_inputs('cpu', x, weight, bias)
-        depthwise = groups == x.shape[1] == weight.shape[0] > 1
-        if any(slow_half_grads(args[0].dtype, depthwise, stride)) and any(
+        if any(_slow_cpu_grads(args[0], args[1], groups, stride)) and any(
                 t is not None and t.requires_grad for t in args):
             with torch.autocast('cpu', enabled=False):
                 return HalfConv2d.apply(*args, stride, padding, groups)
