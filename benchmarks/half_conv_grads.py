@@ -7,20 +7,24 @@ ones in float32 (``slow_half_grads``), timed in one process.
 
 For each convolution (its shape in a ``--batch`` x ``--size``² training
 step) and dtype it prints the forward and each gradient's milliseconds
-(medians), on aten's kernels and through ``conv_backward``, and each
-gradient's time as a multiple of float32's. Some fp16 gradients take
-seconds each on aten's kernels (tens of seconds for ``--repeats 3``).
+(medians of interleaved runs), on aten's kernels and through
+``conv_backward``, and each time as a multiple of float32's on aten. Some
+fp16 gradients take seconds each on aten's kernels (a minute for
+``--repeats 3``).
 """
 import argparse
+import os.path as osp
 import statistics
-import time
-from typing import Callable, List
+import sys
 
 import torch
 import torch.nn.functional as F
 
-from mmvit3.models.hvit3 import ARCH_SETTINGS
-from mmvit3.ops.conv import conv_backward
+sys.path.insert(0, osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))),
+                            'tools'))
+import benchmark  # noqa: E402
+from mmvit3.models.hvit3 import ARCH_SETTINGS  # noqa: E402
+from mmvit3.ops.conv import conv_backward  # noqa: E402
 
 DTYPES = {'float32': torch.float32, 'bf16': torch.bfloat16,
           'fp16': torch.float16}
@@ -46,18 +50,9 @@ def convolutions(size: int):
     ]
 
 
-def median_ms(run: Callable[[], object], repeats: int) -> float:
-    run()  # warm-up: oneDNN builds its kernels
-    times: List[float] = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
 def time_convolution(spec, batch: int, dtype: torch.dtype, repeats: int):
-    """{column: ms} for one convolution in ``dtype``."""
+    """{column: ms} for one convolution in ``dtype``: medians of
+    interleaved runs, after a warm-up run each."""
     _, in_channels, out_channels, side, kernel, stride, groups = spec
     x = torch.randn(batch, in_channels, side, side).to(dtype).contiguous(
         memory_format=torch.channels_last)
@@ -77,14 +72,17 @@ def time_convolution(spec, batch: int, dtype: torch.dtype, repeats: int):
                                      mask)
 
     input_only, weight_only = [True, False, False], [False, True, False]
+    runs = {
+        'forward': lambda: F.conv2d(x, weight, None, *geometry, 1, groups),
+        'input grad, aten': aten(input_only),
+        'weight grad, aten': aten(weight_only),
+        'input grad, mmvit3': ours(input_only),
+        'weight grad, mmvit3': ours(weight_only),
+    }
     return {
-        'forward': median_ms(
-            lambda: F.conv2d(x, weight, None, *geometry, 1, groups),
-            repeats),
-        'input grad, aten': median_ms(aten(input_only), repeats),
-        'weight grad, aten': median_ms(aten(weight_only), repeats),
-        'input grad, mmvit3': median_ms(ours(input_only), repeats),
-        'weight grad, mmvit3': median_ms(ours(weight_only), repeats),
+        column: statistics.median(samples)
+        for column, samples in benchmark.run_times(runs, 'cpu',
+                                                   repeats).items()
     }
 
 

@@ -6,11 +6,11 @@ gradients in half precision far slower than in float32
 (``benchmarks/half_conv_grads.py``: 2 threads, channels-last, H-ViT3-T's
 convolutions in a 2 x 512² step):
 
-- fp16, every weight gradient: 80 to 780 x (the stem's stride-2 one: 16 s,
-  against 26 ms in float32);
-- fp16, depthwise input gradients: 6 to 12 x;
+- fp16, every weight gradient: 50 to 850 x (the stem's stride-2 one:
+  16.5 s, against 30 ms in float32);
+- fp16, depthwise input gradients: 2 to 13 x;
 - bf16 and fp16, strided depthwise input gradients: 7 x (the first
-  downsampling layer's: 118 ms, against 17 ms).
+  downsampling layer's: 119 ms, against 18 ms).
 
 Those gradients are computed from float32 copies of the operands they
 read and rounded once. aten's half-precision kernels accumulate in float32
