@@ -164,6 +164,13 @@ def test_setting_applies_during_the_step_only():
             parts_tool.setting(bad)
 
 
+def table_rows(text: str):
+    """The cells of each row of the Markdown table in ``text``, after its
+    header and separator."""
+    return [[cell.strip() for cell in line.strip('|').split('|')]
+            for line in text.splitlines() if line.startswith('| ')][2:]
+
+
 @pytest.mark.slow
 def test_setting_run_prints_each_variant_against_both_steps():
     result = run_tool('benchmarks/train_step_parts.py', '--threads', '1',
@@ -172,9 +179,7 @@ def test_setting_run_prints_each_variant_against_both_steps():
                       'mmvit3.ops.ttt_fast.CPU_CHUNK_ELEMENTS=100')
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'training step, batch 2, 64x64, bf16,' in result.stdout
-    rows = [[cell.strip() for cell in line.strip('|').split('|')]
-            for line in result.stdout.splitlines()
-            if line.startswith('| ')][2:]  # after the header
+    rows = table_rows(result.stdout)
     assert [row[0] for row in rows] == [
         'as it is', 'mmvit3.ops.ttt_fast.CPU_CHUNK_ELEMENTS=100', 'Swin-T']
     assert rows[0][2] == '1.000' and float(rows[1][2]) > 0
@@ -187,9 +192,7 @@ def test_half_conv_grads_times_each_convolution_in_each_dtype(capsys):
     time against float32's on aten's kernels."""
     half_conv_grads = load_tool('half_conv_grads', folder='benchmarks')
     half_conv_grads.main(['--size', '32', '--batch', '1', '--repeats', '1'])
-    rows = [[cell.strip() for cell in line.strip('|').split('|')]
-            for line in capsys.readouterr().out.splitlines()
-            if line.startswith('| ')][2:]  # after the header
+    rows = table_rows(capsys.readouterr().out)
     names = [spec[0] for spec in half_conv_grads.convolutions(32)]
     assert [row[:2] for row in rows] == [[name, dtype] for name in names
                                          for dtype in ('float32', 'bf16',
