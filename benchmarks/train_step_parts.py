@@ -35,6 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))),
                             'tools'))
 import benchmark  # noqa: E402
+
 from mmvit3.models import hvit3  # noqa: E402
 
 
@@ -63,10 +64,10 @@ def parts():
     next_dims = dict(zip(dims, dims[1:]))
     return {
         'hvit3-t': {
-            'TTT inner step': [(hvit3, 'fast_ttt',
+            'TTT inner step': [(hvit3, 'ttt_inner_step',
                                 lambda qkv, w1, w2, w3, heads, height, width,
-                                scale: qkv[..., :(w1.shape[1] + 1) *
-                                           w1.shape[2]] * 1.)],
+                                scale, impl: qkv[..., :(w1.shape[1] + 1) *
+                                                 w1.shape[2]] * 1.)],
             'token mixer': [(hvit3.TTT, 'forward',
                              lambda self, x, height, width: x * 1.)],
             'MLP': [(hvit3.Mlp, 'forward',
@@ -168,8 +169,8 @@ def main():
 def print_settings(times, settings):
     print('\n| H-ViT3-T | ms | x as it is | x Swin-T |\n| --- | --- | --- '
           '| --- |')
-    rows = [('as it is', 'hvit3-t')] + [(text, f'hvit3-t with {text}')
-                                         for text in settings]
+    rows = [('as it is', 'hvit3-t')] + [
+        (text, f'hvit3-t with {text}') for text in settings]
     for label, name in rows:
         print(f'| {label} | {times[name]:.0f} | '
               f'{times[name] / times["hvit3-t"]:.3f} | '

@@ -3,13 +3,15 @@ import subprocess
 import sys
 
 import pytest
+import timm
 import torch
 import torch.nn as nn
 
-from conftest import backbone_outputs_and_grads
-from mmvit3.models import ARCH_SETTINGS, HViT3, hvit3
-from mmvit3.models.hvit3 import ConvNorm, DepthwiseConv
+from mmvit3.models import ARCH_SETTINGS
+from mmvit3.models import HViT3Backbone as HViT3
+from mmvit3.models.hvit3 import DepthwiseConv
 from mmvit3.ops import bands
+from mmvit3.testing import backbone_outputs_and_grads
 
 PUBLISHED_PARAMS_M = {'tiny': 28.19, 'small': 53.85, 'base': 93.73}
 
@@ -48,6 +50,14 @@ def test_out_indices_subset_and_custom_arch():
     (out, ) = model(torch.randn(2, 3, 64, 48))
     assert out.shape == (2, 64, 8, 6)
     assert not hasattr(model, 'norm0')
+    # stages after the last returned one are not built: every parameter
+    # gets a gradient (DDP needs no find_unused_parameters)
+    model = HViT3('tiny', out_indices=(0, 2))
+    assert len(model.layers) == 3 and model.layers[2].downsample is None
+    sum(out.sum() for out in model(torch.randn(1, 3, 64, 64))).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert not any(k.startswith(('norm.', 'head.'))
+                   for k in model.state_dict())
 
 
 def test_drop_path_rates_rise_linearly():
@@ -62,7 +72,6 @@ def test_drop_path_rates_rise_linearly():
 
 
 def test_with_cp_gives_same_gradients():
-    torch.manual_seed(0)
     plain = HViT3('tiny', drop_path_rate=0.)
     ckpt = HViT3('tiny', drop_path_rate=0., with_cp=True)
     ckpt.load_state_dict(plain.state_dict())
@@ -93,7 +102,9 @@ def test_frozen_stages_and_norm_eval():
      (dict(arch=dict(dims=(64, )), ), "keys 'dims' and 'depths'"),
      (dict(arch=dict(dims=(60, ), depths=(1, ))), 'multiples of 32'),
      (dict(out_indices=(0, 4)), r'must be in \[0, 3\]'),
-     (dict(pretrained_state='best'), "'model' or 'ema'")])
+     (dict(pretrained_state='best'), "'model' or 'ema'"),
+     (dict(pretrained='a.pth', init_cfg=dict(type='Pretrained')),
+      'not both')])
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         HViT3(**kwargs)
@@ -101,9 +112,10 @@ def test_bad_arguments(kwargs, message):
 
 def test_bad_inputs():
     model = HViT3('tiny').eval()
-    with pytest.raises(ValueError, match=r'expects 3 input channels, got 1'):
+    message = r'4-D image batch \(B, 3, H, W\), got shape'
+    with pytest.raises(ValueError, match=message + r' \[1, 1, 32, 32\]'):
         model(torch.randn(1, 1, 32, 32))
-    with pytest.raises(ValueError, match=r'4-D image batch \(B, 3, H, W\)'):
+    with pytest.raises(ValueError, match=message + r' \[3, 32, 32\]'):
         model(torch.randn(3, 32, 32))
     assert HViT3('tiny', in_channels=4).eval()(torch.randn(1, 4, 32, 32))
 
@@ -118,9 +130,10 @@ def test_core_model_imports_without_toolboxes():
         '            raise ImportError(name)\n'
         'sys.meta_path.insert(0, Block())\n'
         'import torch, mmvit3\n'
-        'from mmvit3.models import HViT3\n'
+        'from mmvit3.models import HViT3Backbone\n'
         'assert mmvit3.REGISTERED_TOOLBOXES == []\n'
-        'print(HViT3("tiny").eval()(torch.randn(1, 3, 32, 32))[0].shape)\n')
+        'model = HViT3Backbone("tiny").eval()\n'
+        'print(model(torch.randn(1, 3, 32, 32))[0].shape)\n')
     result = subprocess.run([sys.executable, '-c', code],
                             capture_output=True,
                             text=True)
@@ -144,7 +157,6 @@ def test_blocks_get_row_major_tokens():
 def two_stage_model_with_batchnorm_statistics(dtype=torch.float32):
     """A small HViT3 whose BatchNorm layers have non-trivial statistics and
     affine parameters, so that folding them is tested."""
-    torch.manual_seed(0)
     model = HViT3(dict(dims=(32, 64), depths=(1, 1)),
                   out_indices=(0, 1)).to(dtype)
     with torch.no_grad():
@@ -156,31 +168,27 @@ def two_stage_model_with_batchnorm_statistics(dtype=torch.float32):
     return model
 
 
-def test_eval_folds_batchnorm_into_convs(monkeypatch):
-    model = two_stage_model_with_batchnorm_statistics()
+def test_reparameterize_folds_batchnorm_into_convs():
+    model = two_stage_model_with_batchnorm_statistics().eval()
     image = torch.randn(2, 3, 32, 48, requires_grad=True)
-    folded = backbone_outputs_and_grads(model.eval(), image)
-    calls = []
-    forward = nn.BatchNorm2d.forward
-    monkeypatch.setattr(nn.BatchNorm2d, 'forward',
-                        lambda *args: calls.append(1) or forward(*args))
-    backbone_outputs_and_grads(model, image)
-    assert not calls
-    monkeypatch.setattr(ConvNorm, 'forward', nn.Sequential.forward)
     unfolded = backbone_outputs_and_grads(model, image)
-    assert len(calls) == 6  # stem 5, downsampling 1
-    for got, expected in zip(folded, unfolded):
+    timm.utils.reparameterize_model(model, inplace=True)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    folded = backbone_outputs_and_grads(model, image)
+    for got, expected in zip(folded, unfolded[:2]):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    # the stem's five, the downsampling layer's one conv now have a bias
+    assert sum(m.bias is not None for m in model.modules()
+               if isinstance(m, nn.Conv2d) and m.groups == 1) >= 6
 
 
 def test_residual_depthwise_conv_in_one_convolution():
-    torch.manual_seed(0)
     conv = DepthwiseConv(8).double()
     x = torch.randn(2, 15, 8, dtype=torch.float64, requires_grad=True)
     results = []
-    for residual in (True, False):
-        out = conv(x, 3, 5, residual=residual)
-        out = out if residual else x + out
+    for out in (conv(x, 3, 5),
+                x + nn.Conv2d.forward(conv, x.transpose(1, 2).reshape(
+                    2, 8, 3, 5)).flatten(2).transpose(1, 2)):
         grads = torch.autograd.grad(out.square().sum(), [x, conv.weight])
         results.append([out, *grads])
     for got, expected in zip(*results):
@@ -188,14 +196,17 @@ def test_residual_depthwise_conv_in_one_convolution():
 
 
 @pytest.mark.parametrize('size', [(37, 50), (64, 40), (8, 12)])
-def test_inference_in_bands_equals_whole_maps(monkeypatch, size):
+@pytest.mark.parametrize('folded', [False, True])
+def test_inference_in_bands_equals_whole_maps(monkeypatch, size, folded):
     """Stem, downsampling layers and MLPs computed in bands of rows, from
-    one row up, give the whole-map result."""
+    one row up, give the whole-map result, with BatchNorm folded or not."""
     model = two_stage_model_with_batchnorm_statistics(torch.float64).eval()
+    if folded:
+        timm.utils.reparameterize_model(model, inplace=True)
     image = torch.randn(2, 3, *size, dtype=torch.float64)
     calls = []
-    run = hvit3.run_in_bands
-    monkeypatch.setattr(hvit3, 'run_in_bands',
+    run = bands._run_in_bands
+    monkeypatch.setattr(bands, '_run_in_bands',
                         lambda *args: calls.append(args[2]) or run(*args))
     with torch.no_grad():
         expected = model(image)
@@ -211,13 +222,11 @@ def test_inference_in_bands_equals_whole_maps(monkeypatch, size):
         calls.clear()
         torch.jit.trace(model, image, check_trace=False)
         assert not calls
-    # Training keeps whole maps (bands would not save autograd's memory).
-    calls.clear()
+    # Training keeps whole maps (bands would not save autograd's memory),
+    # and so does train-mode BatchNorm, which needs the whole map's
+    # statistics.
     model(image)
+    if not folded:
+        with torch.no_grad():
+            model.train()(image)
     assert not calls
-
-
-def test_bands_need_eval_mode_batchnorm():
-    layer = ConvNorm(4, 4, 3)
-    with pytest.raises(ValueError, match='eval-mode BatchNorm'):
-        layer(torch.randn(1, 4, 5, 5), pad_rows=False)

@@ -3,13 +3,12 @@ mode."""
 import pytest
 import torch
 
-from conftest import DEVICES, backbone_outputs_and_grads
-from mmvit3.models import HViT3
+from mmvit3.models import HViT3Backbone
+from mmvit3.testing import DEVICES, backbone_outputs_and_grads
 
 
-def small_model() -> HViT3:
-    torch.manual_seed(0)
-    return HViT3(
+def small_model() -> HViT3Backbone:
+    return HViT3Backbone(
         dict(dims=(32, 64), depths=(1, 1)), out_indices=(0, 1),
         drop_path_rate=0.)
 

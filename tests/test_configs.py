@@ -5,9 +5,10 @@ import pytest
 from mmengine.config import Config
 from mmengine.registry import init_default_scope
 
-import mmvit3  # noqa: F401  (registers HViT3)
+from mmvit3.models.hvit3 import RELEASES
+from mmvit3.testing import REPO
 
-CONFIGS = osp.join(osp.dirname(osp.dirname(__file__)), 'configs')
+CONFIGS = osp.join(REPO, 'configs')
 VARIANTS = {'t': 'tiny', 's': 'small', 'b': 'base'}
 DET_PARAMS_M = {'t': 48.4, 's': 74.0, 'b': 114.0}
 SEG_PARAMS_M = {'t': 58.68, 's': 84.34, 'b': 125.48}  # with auxiliary head
@@ -63,8 +64,9 @@ def check_backbone(cfg, arch, drop_path):
     assert backbone.type == 'HViT3' and backbone.arch == arch
     assert backbone.drop_path_rate == drop_path
     assert backbone.out_indices == (0, 1, 2, 3)
+    # the authors' release of the ImageNet file, as timm's pretrained cfg
     assert backbone.init_cfg == dict(
-        type='Pretrained', checkpoint=f'checkpoints/hvit3_{arch}.pth')
+        type='Pretrained', checkpoint=RELEASES[f'hvit3_{arch}.in1k'])
     assert cfg.custom_imports.imports == ['mmvit3']
 
 

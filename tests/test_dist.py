@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from conftest import QUICKSTART_SEG, REPO, quickstart_seg_options
 from mmvit3.shapes import make_shapes_dataset
+from mmvit3.testing import QUICKSTART_SEG, REPO, quickstart_seg_options
 
 TESTS = osp.dirname(osp.abspath(__file__))
 NUM_TRAIN, ITERS = 8, 2  # 2 ranks x 2 iterations x 2 images: one epoch

@@ -1,23 +1,24 @@
-"""H-ViT3 in other OpenMMLab models: each extra config builds, loads an
-ImageNet file in the published layout through its ``init_cfg``, and takes one
-training step on generated data through its own train pipeline (scales
-shrunk to fit a CPU)."""
+"""H-ViT3 in other OpenMMLab models: each extra config, and shipped mmdet /
+mmseg configs with only the backbone swapped, builds, loads an ImageNet file
+in the published layout, and takes one training step on generated data
+through its own train pipeline (scales shrunk to fit a CPU)."""
 import copy
 import importlib
 import os.path as osp
+import warnings
 
 import pytest
 import torch
 from mmengine.config import Config
 from mmengine.dataset import pseudo_collate
+from mmengine.hub import get_config
 from mmengine.model import revert_sync_batchnorm
 from mmengine.optim import build_optim_wrapper
 from mmengine.registry import init_default_scope
 
 import mmvit3  # noqa: F401  (registers HViT3)
-from conftest import REPO
 from mmvit3.shapes import SHAPES, make_shapes_dataset
-from mmvit3.testing import write_published_checkpoint
+from mmvit3.testing import REPO, write_published_checkpoint
 
 SMALL_SCALE = (96, 64)
 SMALL_CROP = (64, 64)
@@ -95,17 +96,9 @@ def train_dataset_cfg(cfg: Config, roots: dict) -> dict:
     return dataset
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize('config', sorted(EXTRA_CONFIGS))
-def test_config_builds_loads_and_trains_one_step(config, data_roots,
-                                                 published):
-    checkpoint, states = published
-    cfg = Config.fromfile(osp.join(REPO, 'configs', config))
-    assert cfg.custom_imports == dict(
-        imports=['mmvit3'], allow_failed_imports=False)
-    assert cfg.model.backbone.type == 'HViT3'
-    cfg.model.backbone.init_cfg.checkpoint = checkpoint
-    cfg.merge_from_dict(EXTRA_CONFIGS[config])
+def train_one_step(cfg: Config, roots: dict, states: dict):
+    """Build ``cfg.model``, initialise it (the ImageNet file must reach the
+    backbone), and take one training step on two generated images."""
     scope = cfg.default_scope
     init_default_scope(scope)
     registry = importlib.import_module(f'{scope}.registry')
@@ -116,7 +109,7 @@ def test_config_builds_loads_and_trains_one_step(config, data_roots,
     key = 'layers.2.blocks.1.attn.qkv.weight'
     assert torch.equal(model.backbone.state_dict()[key], states['model'][key])
 
-    dataset = registry.DATASETS.build(train_dataset_cfg(cfg, data_roots))
+    dataset = registry.DATASETS.build(train_dataset_cfg(cfg, roots))
     batch = pseudo_collate([dataset[0], dataset[1]])
     optim_cfg = copy.deepcopy(cfg.optim_wrapper)
     optim_cfg.type = 'OptimWrapper'  # AmpOptimWrapper needs a GPU
@@ -130,3 +123,55 @@ def test_config_builds_loads_and_trains_one_step(config, data_roots,
     assert losses['loss'] > 0
     # the step reached the first stage's TTT inner weights
     assert not torch.equal(inner_weight.detach(), before)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('config', sorted(EXTRA_CONFIGS))
+def test_config_builds_loads_and_trains_one_step(config, data_roots,
+                                                 published):
+    checkpoint, states = published
+    cfg = Config.fromfile(osp.join(REPO, 'configs', config))
+    assert cfg.custom_imports == dict(
+        imports=['mmvit3'], allow_failed_imports=False)
+    assert cfg.model.backbone.type == 'HViT3'
+    cfg.model.backbone.init_cfg.checkpoint = checkpoint
+    cfg.merge_from_dict(EXTRA_CONFIGS[config])
+    train_one_step(cfg, data_roots, states)
+
+
+def hvit3_backbone(**kwargs) -> dict:
+    return dict(type='HViT3', arch='tiny', out_indices=(0, 1, 2, 3),
+                **kwargs)
+
+
+@pytest.mark.slow
+def test_shipped_mmseg_resnet_config_with_the_backbone_swapped(
+        data_roots, published):
+    """DeepLabV3+ as mmseg ships it, whose model-level ``pretrained`` mmseg
+    hands to the backbone (the deprecated convention mmseg's own backbones
+    accept): only the backbone and the heads' channels changed."""
+    checkpoint, states = published
+    cfg = get_config(
+        'mmseg::deeplabv3plus/deeplabv3plus_r50-d8_4xb4-80k_ade20k-512x512.py')
+    cfg.model.backbone = hvit3_backbone()
+    cfg.model.pretrained = checkpoint
+    cfg.model.decode_head.update(in_channels=512, c1_in_channels=64)
+    cfg.model.auxiliary_head.in_channels = 320
+    cfg.model.data_preprocessor.size = SMALL_CROP
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        train_one_step(cfg, data_roots, states)
+    assert any('pretrained is deprecated' in str(w.message) for w in caught)
+
+
+@pytest.mark.slow
+def test_shipped_mmdet_resnet_config_with_the_backbone_swapped(
+        data_roots, published):
+    """Faster R-CNN as mmdet ships it: only the backbone and the neck's
+    channels changed."""
+    checkpoint, states = published
+    cfg = get_config('mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py')
+    cfg.model.backbone = hvit3_backbone(
+        init_cfg=dict(type='Pretrained', checkpoint=checkpoint))
+    cfg.model.neck.in_channels = [64, 128, 320, 512]
+    train_one_step(cfg, data_roots, states)

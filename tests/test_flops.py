@@ -5,8 +5,8 @@ import pytest
 import torch
 from mmengine.analysis import FlopAnalyzer
 
-from conftest import REPO, load_tool
-from mmvit3.models import HViT3
+from mmvit3.models import HViT3Backbone as HViT3
+from mmvit3.testing import REPO, load_tool
 
 HEAD_DIM = 32
 

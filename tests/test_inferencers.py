@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import (QUICKSTART_DET, QUICKSTART_SEG, REPO,
-                      quickstart_det_options, quickstart_seg_options, run_tool)
 from mmvit3.shapes import SEG_CLASSES, SHAPES
+from mmvit3.testing import (QUICKSTART_DET, QUICKSTART_SEG, REPO, load_tool,
+                            quickstart_det_options, quickstart_seg_options,
+                            run_tool)
 
 
 def _train_one_iteration(config, options, work_dir):
@@ -87,3 +88,26 @@ def test_demo_script_writes_a_picture(shapes_data, task, tmp_path, request,
     painted = capsys.readouterr().out.strip().splitlines()[-1]
     assert painted == str(tmp_path / 'vis' / osp.basename(image))
     assert Image.open(painted).size == Image.open(image).size
+
+
+@pytest.mark.slow
+def test_demo_summary_picture(shapes_data, det_checkpoint, seg_checkpoint,
+                              tmp_path, capsys):
+    """make demo's closing picture: a header, then a row per val image of
+    enlarged detection and segmentation panels, ground truth and
+    prediction."""
+    tool = load_tool('demo_summary')
+    out = str(tmp_path / 'summary.png')
+    data_root = osp.dirname(shapes_data['coco'])
+    assert tool.main([
+        '--det', QUICKSTART_DET, det_checkpoint, '--seg', QUICKSTART_SEG,
+        seg_checkpoint, '--data-root', data_root, '--num-images', '2',
+        '--scale', '3', '--out', out
+    ]) == out
+    assert capsys.readouterr().out.strip().endswith(out)
+    width, height = Image.open(out).size
+    image_height, image_width = np.asarray(
+        Image.open(_val_image(shapes_data))).shape[:2]
+    # two rows of four panels, each three times the image
+    assert width == 4 * 3 * image_width
+    assert height == tool.HEADER_HEIGHT + 2 * 3 * image_height

@@ -12,10 +12,8 @@ from mmengine.registry import init_default_scope
 from mmseg.registry import MODELS
 
 import mmvit3  # noqa: F401  (registers HViT3)
-from conftest import REPO, load_tool
-from mmvit3.models import HViT3
-from mmvit3.models.checkpoint import load_pretrained
-from mmvit3.testing import write_published_checkpoint
+from mmvit3.models import HViT3Backbone
+from mmvit3.testing import REPO, load_tool, write_published_checkpoint
 
 ATOL, RTOL = 1e-4, 1e-3
 
@@ -71,8 +69,8 @@ def test_backbone_dynamic_hw_matches_pytorch(tmp_path, capsys):
     assert [d.dim_value for d in dims[:2]] == [1, 3]
     assert [d.dim_param for d in dims[2:]] == ['height', 'width']
 
-    backbone = HViT3('tiny', drop_path_rate=0.)
-    load_pretrained(backbone, checkpoint)
+    backbone = HViT3Backbone('tiny', drop_path_rate=0.)
+    backbone.load_pretrained(checkpoint)
     # sides needing no padding, padding in the stem only, in some or in
     # every downsample, in one axis only
     sizes = [(64, 96), (96, 64), (70, 101), (33, 47), (128, 72), (65, 97)]

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from conftest import run_tool
 from mmvit3.shapes import SEG_CLASSES, SHAPES, make_shapes_dataset
+from mmvit3.testing import run_tool
 
 
 @pytest.fixture(scope='module')
@@ -70,7 +70,7 @@ def test_coco_masks_agree_with_the_semantic_maps(dataset, split):
             ys, xs = np.nonzero(mask)
             x, y, w, h = ann['bbox']
             assert (x, y, x + w, y + h) == (xs.min(), ys.min(),
-                                           xs.max() + 1, ys.max() + 1)
+                                            xs.max() + 1, ys.max() + 1)
             assert not (expected[mask] > 1).any(), 'instances overlap'
             expected[mask] = ann['category_id'] + 1
         np.testing.assert_array_equal(seg, expected)

@@ -4,16 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmvit3.ops import swiglu_chains
-from mmvit3.ops.swiglu_chains import (compiled_on_cpu, swiglu_vjp,
-                                      swiglu_vjp_backward)
+from mmvit3.ops.ttt import swiglu_chains
+from mmvit3.ops.ttt.swiglu_chains import (compiled_on_cpu, swiglu_vjp,
+                                          swiglu_vjp_backward)
 
 BATCH, HEADS, TOKENS, HEAD_DIM = 2, 3, 7, 4
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
 
 
 def inputs(dtype):

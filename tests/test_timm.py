@@ -1,13 +1,14 @@
-"""timm's hvit3_{tiny,small,base}: creation, published weights, features."""
+"""timm's hvit3_{tiny,small,base}: creation, published weights, features,
+FX and TorchScript."""
 import pytest
 import timm
 import timm.optim
 import torch
 import torch.nn.functional as F
+from torchvision.models.feature_extraction import create_feature_extractor
 
 import mmvit3  # noqa: F401  (registers the timm models)
-from mmvit3.models import HViT3
-from mmvit3.models.classifier import HViT3Classifier
+from mmvit3.models import HViT3, HViT3Backbone
 from mmvit3.testing import write_published_checkpoint
 
 PUBLISHED_BACKBONE_PARAMS_M = {'tiny': 28.19, 'small': 53.85, 'base': 93.73}
@@ -29,7 +30,7 @@ def test_registered_and_same_modules_as_backbone(arch):
     name = f'hvit3_{arch}'
     assert name in timm.list_models('hvit3_*')
     model = timm.create_model(name)
-    assert isinstance(model, HViT3Classifier) and isinstance(model, HViT3)
+    assert type(model) is HViT3
     assert isinstance(model.norm, torch.nn.BatchNorm1d)
     assert model.head.out_features == 1000
     # the dense backbone adds one LayerNorm (weight + bias) per stage map
@@ -38,6 +39,8 @@ def test_registered_and_same_modules_as_backbone(arch):
     assert round((backbone + out_norms) / 1e6, 2) == \
         PUBLISHED_BACKBONE_PARAMS_M[arch]
     assert model.pretrained_cfg['first_conv'] == 'patch_embed.conv.0.conv'
+    assert model.pretrained_cfg['url'].startswith(
+        'https://cloud.tsinghua.edu.cn/f/')
 
 
 def test_classifier_forward_and_head():
@@ -99,8 +102,10 @@ def test_pretrained_errors(tiny_file):
             'hvit3_small',
             pretrained=True,
             pretrained_cfg_overlay=dict(file=path))
-    with pytest.raises(ValueError, match=r'pretrained_cfg_overlay=dict\('
-                       r'file=PATH\)'):
+    # offline: the release URL is named, and how to pass a file instead
+    with pytest.raises(Exception, match=r'(?s)https://cloud\.tsinghua\.edu'
+                       r'\.cn/f/f0c7c73ceabe49b7b161/.*pretrained_cfg_overlay='
+                       r'dict\(file=PATH\)'):
         timm.create_model('hvit3_tiny', pretrained=True)
 
 
@@ -127,12 +132,12 @@ def test_features_only_shapes_and_weights(tiny_file):
     with torch.no_grad():
         maps = model(x)
     assert [tuple(m.shape) for m in maps] == [(1, 64, 24, 33),
-                                             (1, 128, 12, 17),
-                                             (1, 320, 6, 9), (1, 512, 3, 5)]
+                                              (1, 128, 12, 17),
+                                              (1, 320, 6, 9), (1, 512, 3, 5)]
 
     # The OpenMMLab backbone loading the same file gives the same stage maps,
     # passed through its (freshly initialised) output LayerNorms.
-    backbone = HViT3(
+    backbone = HViT3Backbone(
         'tiny', init_cfg=dict(type='Pretrained', checkpoint=path))
     backbone.init_weights()
     with torch.no_grad():
@@ -180,3 +185,78 @@ def test_layer_decay_groups_follow_depth():
     # a stage's downsample runs after its blocks: it shares the last one's
     assert scale('layers.1.downsample.conv.0.conv.weight') == scales[3]
     assert scale('norm.weight') == scales[4]
+
+
+def test_reset_classifier_to_unpooled_map():
+    model = timm.create_model('hvit3_tiny').eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        model.reset_classifier(0, '')
+        unpooled = model(x)
+        assert unpooled.shape == (1, 512, 2, 3)
+        # eval-mode BatchNorm1d is per-channel affine: pooling commutes
+        torch.testing.assert_close(
+            unpooled.mean((2, 3)),
+            model.forward_head(features.mean((2, 3), keepdim=True),
+                               pre_logits=True).flatten(1))
+        model.reset_classifier(5, '')
+        assert model(x).shape == (1, 5, 2, 3)
+        model.reset_classifier(5, 'avg')
+        assert model(x).shape == (1, 5)
+    with pytest.raises(ValueError, match="'avg' or ''"):
+        model.reset_classifier(5, 'max')
+
+
+@pytest.mark.parametrize('out_indices', [(1, 3), (0, 2)])
+def test_features_only_with_out_indices(out_indices):
+    model = timm.create_model('hvit3_tiny', features_only=True,
+                              out_indices=out_indices).eval()
+    dims, strides = [64, 128, 320, 512], [4, 8, 16, 32]
+    assert model.feature_info.channels() == [dims[i] for i in out_indices]
+    assert model.feature_info.reduction() == [strides[i] for i in out_indices]
+    with torch.no_grad():
+        maps = model(torch.randn(1, 3, 64, 64))
+    assert [m.shape[1:] for m in maps] == [
+        (dims[i], 64 // strides[i], 64 // strides[i]) for i in out_indices
+    ]
+
+
+def small_timm_model():
+    return HViT3(dict(dims=(32, 64), depths=(1, 2)), num_classes=7).eval()
+
+
+def test_fx_feature_extraction_matches_intermediates():
+    """torchvision's create_feature_extractor and timm's FX feature path
+    trace the model (the ops are leaf functions); at run time they take the
+    fast paths, with the same maps."""
+    model = small_timm_model()
+    x = torch.randn(2, 3, 30, 42)
+    with torch.no_grad():
+        expected = model.forward_intermediates(x, intermediates_only=True)
+        extractor = create_feature_extractor(
+            model, return_nodes={'layers.0.blocks': 'stage0',
+                                 'layers.1.blocks': 'stage1'})
+        maps = extractor(x)
+        for got, want in zip(maps.values(), expected):
+            torch.testing.assert_close(got, want)
+    torch.manual_seed(1)
+    getter = timm.create_model('hvit3_tiny', features_only=True).eval()
+    torch.manual_seed(1)  # the same weights
+    fx = timm.create_model('hvit3_tiny', features_only=True,
+                           feature_cls='fx').eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        for got, want in zip(fx(x), getter(x)):
+            torch.testing.assert_close(got, want)
+
+
+def test_torchscript_matches_eager():
+    """TorchScript compiles the reference ops (torch.jit.is_scripting
+    branches); the scripted model computes what the eager fast paths do."""
+    model = small_timm_model()
+    x = torch.randn(2, 3, 30, 42)
+    scripted = torch.jit.script(model)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x), rtol=1e-4,
+                                   atol=1e-5)

@@ -7,14 +7,15 @@ import re
 import pytest
 import torch
 
-from conftest import det_options, run_tool, seg_options
+from mmvit3.testing import det_options, run_tool, seg_options
 
 DET_CONFIG = 'configs/mask_rcnn/mask-rcnn_hvit3-t_fpn_1x_coco.py'
 SEG_CONFIG = 'configs/upernet/hvit3-t_upernet_8xb2-160k_ade20k-512x512.py'
 
 
 def assert_ok(result):
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert result.returncode == 0, (result.stdout[-3000:] +
+                                    result.stderr[-5000:])
 
 
 @pytest.mark.slow
@@ -77,7 +78,8 @@ def test_missing_dataset_says_what_to_download(tmp_path):
     result = run_tool('tools/train.py', DET_CONFIG, '--work-dir',
                       str(tmp_path), '--cfg-options',
                       'optim_wrapper.type=OptimWrapper',
-                      f'train_dataloader.dataset.data_root={tmp_path}/nowhere/')
+                      'train_dataloader.dataset.data_root='
+                      f'{tmp_path}/nowhere/')
     assert result.returncode != 0
     assert 'COCO 2017' in result.stderr
     assert 'train_dataloader.dataset.data_root=PATH' in result.stderr

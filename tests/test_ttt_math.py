@@ -1,20 +1,16 @@
-"""The TTT inner step against autograd and an independent reading of the spec."""
+"""The TTT inner step against autograd and an independent reading of the
+spec."""
 import math
 
-import pytest
 import torch
 import torch.nn.functional as F
 
 from mmvit3.models.hvit3 import TTT
-from mmvit3.ops import (depthwise_grad, depthwise_ttt, rope_2d, swiglu_grads,
-                        swiglu_ttt)
+from mmvit3.ops.rope import rope_2d
+from mmvit3.ops.ttt import (depthwise_grad, depthwise_ttt, swiglu_grads,
+                            swiglu_ttt)
 
 SCALE = 9**-0.5
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
 
 
 def test_scale_is_one_third():

@@ -14,7 +14,9 @@ run interleaved, round after round (the order reversed every other round),
 so that a machine shared with other work slows all of them alike; medians
 are reported, with ratios to Swin-T and to the plain path.
 
-- inference: batch 1, ``torch.no_grad()``, eval mode;
+- inference: batch 1, ``torch.no_grad()``, eval mode, as deployed (timm's
+  ``reparameterize_model``: H-ViT3's BatchNorms folded into their
+  convolutions);
 - train: a training step, forward + backward of the summed output means, at
   ``--train-batch`` images, train mode (drop path and BatchNorm as trained).
 
@@ -56,6 +58,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from timm.utils.model import reparameterize_model
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 HVIT3_CONFIG = osp.join(ROOT, 'configs', 'mask_rcnn',
@@ -114,12 +117,13 @@ def parse_args():
 
 
 def build_backbones(names) -> Dict[str, nn.Module]:
+    from mmdet.registry import MODELS as MMDET_MODELS
     from mmengine.config import Config
     from mmengine.hub import get_config
     from mmengine.registry import init_default_scope
+
     import mmvit3  # noqa: F401  (registers HViT3)
-    from mmdet.registry import MODELS as MMDET_MODELS
-    from mmvit3.models.hvit3 import set_impl
+    from mmvit3.models import set_impl
     init_default_scope('mmdet')
     torch.manual_seed(0)
     configs = {
@@ -286,6 +290,9 @@ def make_steps(backbones: Dict[str, nn.Module], device: str, mode: str,
     steps = {}
     for name, model in backbones.items():
         model = model.to(device)
+        if mode == 'inference' and any(
+                hasattr(m, 'reparameterize') for m in model.modules()):
+            model = reparameterize_model(model.eval())  # a folded copy
         if compile_mode:
             model = torch.compile(model, mode=compile_mode, dynamic=False)
         steps[name] = make_step(model, mode, image, amp)

@@ -34,11 +34,14 @@ def main():
     if scope == 'mmdet':
         from mmdet.apis import DetInferencer
         inferencer = DetInferencer(
-            args.config, args.checkpoint, device=args.device, show_progress=False)
-        inferencer(args.image, out_dir=args.out_dir, pred_score_thr=args.score_thr)
+            args.config, args.checkpoint, device=args.device,
+            show_progress=False)
+        inferencer(args.image, out_dir=args.out_dir,
+                   pred_score_thr=args.score_thr)
     elif scope == 'mmseg':
         from mmseg.apis import MMSegInferencer
-        inferencer = MMSegInferencer(args.config, args.checkpoint, device=args.device)
+        inferencer = MMSegInferencer(args.config, args.checkpoint,
+                                     device=args.device)
         inferencer(args.image, out_dir=args.out_dir, show=False)
     else:
         raise SystemExit(f'{args.config}: default_scope {scope!r} is neither '

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # make demo: generate the shapes dataset, train H-ViT3-T Mask R-CNN and
-# UperNet on it from scratch, evaluate them on the val split, paint their
-# predictions and plot their curves.
+# UperNet on it from scratch, evaluate them on the val split, paint ground
+# truth and predictions of a few val images into one picture and plot their
+# curves.
 # Usage: tools/demo.sh [PYTHON]   (outputs in $WORK, default work_dirs/quickstart)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -50,18 +51,17 @@ step "3/4 Evaluating on the val split, painting predictions"
 det_ckpt=$(last_checkpoint "$WORK/det")
 seg_ckpt=$(last_checkpoint "$WORK/seg")
 run_logged det "$WORK/det_test.log" \
-    "$PY" tools/test.py "$DET_CONFIG" "$det_ckpt" --work-dir "$WORK/det" \
-    --show-dir vis
+    "$PY" tools/test.py "$DET_CONFIG" "$det_ckpt" --work-dir "$WORK/det"
 run_logged seg "$WORK/seg_test.log" \
-    "$PY" tools/test.py "$SEG_CONFIG" "$seg_ckpt" --work-dir "$WORK/seg" \
-    --show-dir "$WORK/seg/vis"
+    "$PY" tools/test.py "$SEG_CONFIG" "$seg_ckpt" --work-dir "$WORK/seg"
+summary=$("$PY" tools/demo_summary.py --det "$DET_CONFIG" "$det_ckpt" \
+    --seg "$SEG_CONFIG" "$seg_ckpt" --data-root "$DATA" \
+    --out "$WORK/summary.png" | tail -n 1)
 
 step "4/4 Plotting losses and metrics"
 "$PY" tools/plot_scalars.py "$WORK/det" --out "$WORK/det_curves.png"
 "$PY" tools/plot_scalars.py "$WORK/seg" --out "$WORK/seg_curves.png"
 
-det_vis=$(ls -d "$WORK"/det/*/vis | tail -n 1)
-seg_vis=$(dirname "$(find "$WORK/seg/vis" -name '*.png' | sort | head -n 1)")
 elapsed=$(($(date +%s) - start))
 step "Done in $((elapsed / 60)) min $((elapsed % 60)) s"
 echo "Detection (val):    $(grep -o 'coco/bbox_mAP: [0-9.]*' "$WORK/det_test.log" | tail -n 1)," \
@@ -71,10 +71,10 @@ echo "Segmentation (val): $(grep -oE 'mIoU: [0-9.]+' "$WORK/seg_test.log" | tail
 cat <<EOT
 Checkpoints:    $det_ckpt
                 $seg_ckpt
-Predictions:    $det_vis/
-                $seg_vis/
 Curves:         $WORK/det_curves.png
                 $WORK/seg_curves.png
 Logs:           $WORK/{det,seg}_{train,test}.log
 Try one image:  $PY tools/demo.py $DATA/coco/val/val_000000.jpg $DET_CONFIG $det_ckpt
+Ground truth and predictions of the first val images (the summary):
+                $summary
 EOT

@@ -31,10 +31,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.utils.model import reparameterize_model
 from torch.onnx import symbolic_helper, symbolic_opset9
 
-from mmvit3.models import HViT3
-from mmvit3.models.checkpoint import load_pretrained
+from mmvit3.models import HViT3Backbone
 
 OPSET = 17
 TOOLBOXES = ('mmdet', 'mmseg')
@@ -91,9 +91,9 @@ class SegmentorScores(nn.Module):
 
 
 def build_from_arch(arch: str, checkpoint) -> nn.Module:
-    backbone = HViT3(arch, drop_path_rate=0.)
+    backbone = HViT3Backbone(arch, drop_path_rate=0.)
     if checkpoint:
-        load_pretrained(backbone, checkpoint)
+        backbone.load_pretrained(checkpoint)
     return backbone
 
 
@@ -242,8 +242,11 @@ def main(argv=None) -> int:
         module = build_from_arch(args.arch, args.checkpoint)
     else:
         module = build_from_config(args.config, args.checkpoint, args.whole)
-    module.eval()
-    backbone = next(m for m in module.modules() if isinstance(m, HViT3))
+    # as deployed: H-ViT3's BatchNorms folded into their convolutions, in
+    # the exported graph and in the PyTorch model it is compared with
+    module = reparameterize_model(module.eval())
+    backbone = next(m for m in module.modules()
+                    if isinstance(m, HViT3Backbone))
     if args.static:
         height, width = args.shape
     else:

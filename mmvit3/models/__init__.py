@@ -1,3 +1,7 @@
-from .hvit3 import ARCH_SETTINGS, HViT3
+from .backbone import HViT3Backbone
+from .hvit3 import ARCH_SETTINGS, HViT3, checkpoint_filter_fn, set_impl
 
-__all__ = ['ARCH_SETTINGS', 'HViT3']
+__all__ = [
+    'ARCH_SETTINGS', 'HViT3', 'HViT3Backbone', 'checkpoint_filter_fn',
+    'set_impl'
+]

@@ -1,12 +1,12 @@
-"""The TTT inner step of H-ViT3 as one memory-lean custom operator.
+"""The TTT inner step as one memory-lean custom operator in torch ops.
 
-Same mathematics as :mod:`mmvit3.ops.ttt` (the plain oracle), organised for
-speed and memory:
+Same mathematics as :mod:`.naive` (the reference), organised for speed and
+memory where the Triton kernels (:mod:`.fused`) do not run:
 
-- Both inner branches run inside one operator (``mmvit3::fast_ttt``) that
-  saves only its input (the ``qkv`` projection) and the tiny inner weights;
-  its backward operator recomputes the rest and applies hand-derived
-  gradients, second-order terms of the inner step included.
+- Both inner branches run inside one operator (``mmvit3::ttt_chunked``)
+  that saves only its input (the ``qkv`` projection) and the tiny inner
+  weights; its backward operator recomputes the rest and applies
+  hand-derived gradients, second-order terms of the inner step included.
 - The SwiGLU branch runs over token chunks, so its dozen elementwise
   intermediates exist for a few thousand tokens at a time, never for the
   whole map (on a CPU the memory traffic of such maps, not the matmuls,
@@ -20,14 +20,14 @@ speed and memory:
 - The inner step always runs in float32 (float64 for float64 inputs), also
   under autocast, so that mixed precision cannot destabilise it.
 """
-from functools import lru_cache
 from typing import Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .depthwise import depthwise_conv3x3, depthwise_conv3x3_backward
+from ..depthwise import depthwise_conv3x3, depthwise_conv3x3_backward
+from ..rope import rope_table
 from .swiglu_chains import swiglu_vjp, swiglu_vjp_backward
 
 # Elements (tokens x channels) per chunk of the SwiGLU branch: its
@@ -41,35 +41,6 @@ GPU_CHUNK_ELEMENTS = 1 << 24
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-@lru_cache(maxsize=32)
-def _rope_table(height: int, width: int, channels: int, device: torch.device,
-                dtype: torch.dtype, base: float) -> torch.Tensor:
-    # Same float32 angles as ``rope_2d``; built outside inference mode so the
-    # cached table is usable by autograd later.
-    with torch.inference_mode(False), torch.no_grad():
-        num_freqs = channels // 4
-        theta = base**(-torch.arange(
-            num_freqs, device=device, dtype=torch.float32) / num_freqs)
-        ys = torch.arange(height, device=device, dtype=torch.float32)
-        xs = torch.arange(width, device=device, dtype=torch.float32)
-        angle_y = (ys[:, None] * theta).unsqueeze(1).expand(height, width, -1)
-        angle_x = (xs[:, None] * theta).unsqueeze(0).expand(height, width, -1)
-        angles = torch.cat([angle_y, angle_x], -1).reshape(height * width, -1)
-        return torch.complex(angles.cos(), angles.sin()).to(dtype)
-
-
-def rope_table(height: int, width: int, channels: int, device: torch.device,
-               dtype: torch.dtype = torch.complex64,
-               base: float = 10000.0) -> torch.Tensor:
-    """Unit complex numbers (H*W, C/2) rotating RoPE's channel pairs."""
-    if channels % 4:
-        raise ValueError(f'RoPE needs channels divisible by 4, got {channels}')
-    # A compiled graph computes the table itself (Dynamo ignores caches).
-    build = (_rope_table.__wrapped__
-             if torch.compiler.is_compiling() else _rope_table)
-    return build(height, width, channels, torch.device(device), dtype, base)
 
 
 def _pairs(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -351,16 +322,16 @@ def _backward(grad_out: Tensor, qkv: Tensor, rope: Tensor, w_cat: Tensor,
 # with out= and the shape-dependent chunks): the backbone compiles as one
 # graph. The RoPE table is an input, not a cache inside: a CUDA graph may
 # own no tensor that outlives its run.
-@torch.library.custom_op('mmvit3::fast_ttt', mutates_args=())
-def _fast_ttt_op(qkv: Tensor, w1: Tensor, w2: Tensor, w3: Tensor,
-                 rope: Tensor, heads: int, height: int, width: int,
-                 scale: float
-                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                            Tensor, Tensor]:
+@torch.library.custom_op('mmvit3::ttt_chunked', mutates_args=())
+def _chunked_op(qkv: Tensor, w1: Tensor, w2: Tensor, w3: Tensor,
+                rope: Tensor, heads: int, height: int, width: int,
+                scale: float
+                ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                           Tensor, Tensor]:
     return _forward(qkv, w1, w2, w3, rope, heads, height, width, scale)
 
 
-@_fast_ttt_op.register_fake
+@_chunked_op.register_fake
 def _(qkv, w1, w2, w3, rope, heads, height, width, scale):
     layout = _Layout(qkv, heads, height, width)
     dtype = compute_dtype(qkv.dtype)
@@ -379,21 +350,21 @@ def _(qkv, w1, w2, w3, rope, heads, height, width, scale):
             torch.empty_like(kernels))
 
 
-@torch.library.custom_op('mmvit3::fast_ttt_backward', mutates_args=())
-def _fast_ttt_backward_op(grad_out: Tensor, qkv: Tensor, rope: Tensor,
-                          w_cat: Tensor, swiglu_grad: Tensor,
-                          swiglu_norm: Tensor,
-                          w_new: Tensor, depthwise_grad: Tensor,
-                          depthwise_norm: Tensor, kernels: Tensor,
-                          heads: int, height: int, width: int, scale: float
-                          ) -> Tuple[Tensor, Tensor, Tensor]:
+@torch.library.custom_op('mmvit3::ttt_chunked_backward', mutates_args=())
+def _chunked_backward_op(grad_out: Tensor, qkv: Tensor, rope: Tensor,
+                         w_cat: Tensor, swiglu_grad: Tensor,
+                         swiglu_norm: Tensor, w_new: Tensor,
+                         depthwise_grad: Tensor, depthwise_norm: Tensor,
+                         kernels: Tensor, heads: int, height: int,
+                         width: int, scale: float
+                         ) -> Tuple[Tensor, Tensor, Tensor]:
     return _backward(
         grad_out, qkv, rope, w_cat, swiglu_grad, swiglu_norm, w_new,
         depthwise_grad, depthwise_norm, kernels, heads=heads, height=height,
         width=width, scale=scale)
 
 
-@_fast_ttt_backward_op.register_fake
+@_chunked_backward_op.register_fake
 def _(grad_out, qkv, rope, w_cat, *state_and_sizes):
     *_, heads, height, width, scale = state_and_sizes
     head_dim = w_cat.shape[1]
@@ -412,7 +383,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _autograd_backward(ctx, grad_out, *unused_state_grads):
-    grad_qkv, grad_w_cat, grad_w3 = _fast_ttt_backward_op(
+    grad_qkv, grad_w_cat, grad_w3 = _chunked_backward_op(
         grad_out, *ctx.saved_tensors, **ctx.sizes)
     w1_dtype, w2_dtype, w3_dtype = ctx.weight_dtypes
     grad_w1, grad_w2 = grad_w_cat.unsqueeze(0).chunk(2, dim=-1)
@@ -421,25 +392,18 @@ def _autograd_backward(ctx, grad_out, *unused_state_grads):
             None)
 
 
-_fast_ttt_op.register_autograd(_autograd_backward,
-                               setup_context=_setup_context)
+_chunked_op.register_autograd(_autograd_backward,
+                              setup_context=_setup_context)
 
 
-def fast_ttt(qkv: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, heads: int,
-             height: int, width: int, scale: float) -> Tensor:
-    """Both inner branches of a TTT layer from its ``qkv`` projection.
-
-    Args:
-        qkv: (B, H*W, 3C + 3d), split as q1, k1, v1 (C each), q2, k2, v2 (d).
-        w1, w2: (1, heads, d, d) SwiGLU inner weights; w3: (d, 1, 3, 3).
-    Returns:
-        (B, H*W, C + d): the two branches' outputs, concatenated, in
-        ``qkv``'s dtype. Backward saves only ``qkv`` and the small inner
-        weights, and recomputes the rest.
-    """
+def chunked_ttt(qkv: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, heads: int,
+                height: int, width: int, scale: float) -> Tensor:
+    """:func:`.naive.naive_ttt`, computed chunk by chunk in float32; backward
+    saves only ``qkv`` and the small inner weights, and recomputes the
+    rest."""
     layout = _Layout(qkv, heads, height, width)
     table = rope_table(height, width, layout.dim, qkv.device,
                        torch.complex128 if compute_dtype(qkv.dtype) ==
                        torch.float64 else torch.complex64)
-    return _fast_ttt_op(qkv, w1, w2, w3, torch.view_as_real(table), heads,
-                        height, width, scale)[0]
+    return _chunked_op(qkv, w1, w2, w3, torch.view_as_real(table), heads,
+                       height, width, scale)[0]
