@@ -13,6 +13,7 @@ import torch
 from mmengine.config import Config, ConfigDict, DictAction
 from mmengine.runner import Runner
 
+from .fileio import is_url
 from .utils import check_data_paths
 
 TOOLBOXES = ('mmdet', 'mmseg')
@@ -98,8 +99,8 @@ def parse_train_args(argv: Optional[List[str]] = None):
         nargs='?',
         type=str,
         const='auto',
-        help='resume from PATH, or (no value) from the latest checkpoint '
-        'in the work dir')
+        help='resume from PATH or an http(s) URL, or (no value) from the '
+        'latest checkpoint in the work dir')
     return parser.parse_args(argv)
 
 
@@ -126,6 +127,13 @@ def latest_checkpoint(work_dir: str) -> Optional[str]:
     return max(candidates)[2] if candidates else None
 
 
+def check_checkpoint(source: str, what: str) -> None:
+    """Fail early for a local checkpoint that is not there; a URL is
+    downloaded (once, into the cache) when the runner loads it."""
+    if not is_url(source) and not osp.isfile(source):
+        raise FileNotFoundError(f'{what} {source}: no such file')
+
+
 def train(argv: Optional[List[str]] = None):
     args = parse_train_args(argv)
     cfg = load_config(args)
@@ -143,8 +151,7 @@ def train(argv: Optional[List[str]] = None):
         # None: mmengine's own lookup (checkpoints named otherwise)
         cfg.resume, cfg.load_from = True, latest_checkpoint(cfg.work_dir)
     elif args.resume is not None:
-        if not osp.isfile(args.resume):
-            raise FileNotFoundError(f'--resume {args.resume}: no such file')
+        check_checkpoint(args.resume, '--resume')
         cfg.resume, cfg.load_from = True, args.resume
     if (cfg.optim_wrapper.get('type') == 'AmpOptimWrapper'
             and not torch.cuda.is_available()):
@@ -160,7 +167,7 @@ def parse_test_args(argv: Optional[List[str]] = None):
     parser = argparse.ArgumentParser(
         description='Test (and evaluate) an mmdet or mmseg model')
     _common_args(parser)
-    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument('checkpoint', help='checkpoint file or http(s) URL')
     parser.add_argument(
         '--out',
         help='mmdet: pickle file for the raw results; mmseg: directory for '
@@ -204,8 +211,7 @@ def _enable_tta(cfg: Config):
 def test(argv: Optional[List[str]] = None):
     args = parse_test_args(argv)
     cfg = load_config(args)
-    if not osp.isfile(args.checkpoint):
-        raise FileNotFoundError(f'checkpoint {args.checkpoint}: no such file')
+    check_checkpoint(args.checkpoint, 'checkpoint')
     cfg.load_from = args.checkpoint
     if args.show or args.show_dir:
         _enable_visualization(cfg, args)

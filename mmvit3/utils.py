@@ -1,4 +1,4 @@
-"""Runner-side glue shared by the tools: data-path checks, checkpoint loading."""
+"""Runner-side glue shared by the tools: data-path checks."""
 import os.path as osp
 from typing import Iterator, List
 
@@ -55,25 +55,3 @@ def check_data_paths(cfg, loader_names: List[str]) -> None:
                 f"{dataset.get('data_root')!r} (the toolbox default), or "
                 'point the config at your copy with --cfg-options '
                 f'{loader_name}.dataset.data_root=PATH')
-
-
-def enable_mmengine_checkpoint_loading() -> None:
-    """Let mmengine 0.10 resume and test its own checkpoints under torch >= 2.6.
-
-    mmengine calls ``torch.load`` without ``weights_only``; newer torch then
-    refuses the non-tensor objects mmengine itself writes: the message hub's
-    ``HistoryBuffer`` (whose statistics methods pickle as ``getattr(buffer,
-    'min')``) and numpy arrays and scalars. Allow exactly those, keeping the
-    weights-only load.
-    """
-    import numpy as np
-    import torch
-    from mmengine.logging import HistoryBuffer
-
-    multiarray = np._core.multiarray if hasattr(np, '_core') else np.core.multiarray
-    torch.serialization.add_safe_globals([
-        HistoryBuffer, getattr, np.dtype, np.ndarray, multiarray._reconstruct,
-        multiarray.scalar,
-        *{type(np.dtype(t))
-          for t in ('float64', 'float32', 'int64', 'int32', 'bool')}
-    ])

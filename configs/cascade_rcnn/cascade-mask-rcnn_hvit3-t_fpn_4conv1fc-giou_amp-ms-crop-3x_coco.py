@@ -6,9 +6,10 @@ _base_ = 'mmdet::convnext/cascade-mask-rcnn_convnext-t-p4-w7_fpn_4conv1fc-giou_a
 # replaces the base's mmpretrain import, which only ConvNeXt needed
 custom_imports = dict(imports=['mmvit3'], allow_failed_imports=False)
 
-# The authors' ImageNet-1K checkpoint; override with
+# The authors' ImageNet-1K checkpoint (their release link; downloaded once
+# into the torch hub cache, or $MMVIT3_CACHE). Offline, point at a copy with
 # --cfg-options model.backbone.init_cfg.checkpoint=PATH
-pretrained = 'checkpoints/hvit3_tiny.pth'
+pretrained = 'https://cloud.tsinghua.edu.cn/f/f0c7c73ceabe49b7b161/?dl=1'
 model = dict(
     backbone=dict(
         _delete_=True,

@@ -1,6 +1,7 @@
 _base_ = './mask-rcnn_hvit3-t_fpn_1x_coco.py'
 
-pretrained = 'checkpoints/hvit3_base.pth'
+# the authors' ImageNet-1K H-ViT3-B checkpoint (release link)
+pretrained = 'https://cloud.tsinghua.edu.cn/f/1d0d7fb840254275b29d/?dl=1'
 model = dict(
     backbone=dict(
         arch='base', init_cfg=dict(type='Pretrained', checkpoint=pretrained)),

@@ -4,9 +4,10 @@
 _base_ = 'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_amp-ms-crop-3x_coco.py'
 custom_imports = dict(imports=['mmvit3'], allow_failed_imports=False)
 
-# The authors' ImageNet-1K checkpoint; override with
+# The authors' ImageNet-1K checkpoint (their release link; downloaded once
+# into the torch hub cache, or $MMVIT3_CACHE). Offline, point at a copy with
 # --cfg-options model.backbone.init_cfg.checkpoint=PATH
-pretrained = 'checkpoints/hvit3_tiny.pth'
+pretrained = 'https://cloud.tsinghua.edu.cn/f/f0c7c73ceabe49b7b161/?dl=1'
 model = dict(
     backbone=dict(
         _delete_=True,

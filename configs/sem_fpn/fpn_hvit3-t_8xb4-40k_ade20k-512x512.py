@@ -6,9 +6,10 @@ _base_ = 'mmseg::poolformer/fpn_poolformer_s12_8xb4-40k_ade20k-512x512.py'
 # replaces the base's mmpretrain import, which only PoolFormer needed
 custom_imports = dict(imports=['mmvit3'], allow_failed_imports=False)
 
-# The authors' ImageNet-1K checkpoint; override with
+# The authors' ImageNet-1K checkpoint (their release link; downloaded once
+# into the torch hub cache, or $MMVIT3_CACHE). Offline, point at a copy with
 # --cfg-options model.backbone.init_cfg.checkpoint=PATH
-pretrained = 'checkpoints/hvit3_tiny.pth'
+pretrained = 'https://cloud.tsinghua.edu.cn/f/f0c7c73ceabe49b7b161/?dl=1'
 model = dict(
     backbone=dict(
         _delete_=True,
