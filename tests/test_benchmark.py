@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from conftest import load_tool, run_tool
+from mmvit3.testing import load_tool, run_tool
 
 
 @pytest.mark.slow
@@ -147,19 +147,19 @@ def test_setting_applies_during_the_step_only():
     for the variant's step, restored after; bad settings are refused."""
     parts_tool = load_tool('train_step_parts', folder='benchmarks')
     chunk_setting = parts_tool.setting(
-        'mmvit3.ops.ttt_fast.CPU_CHUNK_ELEMENTS=100')
+        'mmvit3.ops.ttt.chunked.CPU_CHUNK_ELEMENTS=100')
     module, name, value = chunk_setting
-    assert (module.__name__, name, value) == ('mmvit3.ops.ttt_fast',
+    assert (module.__name__, name, value) == ('mmvit3.ops.ttt.chunked',
                                               'CPU_CHUNK_ELEMENTS', 100)
     before = module.CPU_CHUNK_ELEMENTS
     seen = []
     parts_tool.patched(lambda: seen.append(module.CPU_CHUNK_ELEMENTS),
                        [chunk_setting])()
     assert seen == [100] and module.CPU_CHUNK_ELEMENTS == before
-    for bad in ('CPU_CHUNK_ELEMENTS=1', 'mmvit3.ops.ttt_fast.NO_SUCH=1',
+    for bad in ('CPU_CHUNK_ELEMENTS=1', 'mmvit3.ops.ttt.chunked.NO_SUCH=1',
                 'mmvit3.no_such_module.X=1',
-                'mmvit3.ops.ttt_fast.CPU_CHUNK_ELEMENTS=1 <<',
-                'mmvit3.ops.ttt_fast.CPU_CHUNK_ELEMENTS'):
+                'mmvit3.ops.ttt.chunked.CPU_CHUNK_ELEMENTS=1 <<',
+                'mmvit3.ops.ttt.chunked.CPU_CHUNK_ELEMENTS'):
         with pytest.raises(argparse.ArgumentTypeError):
             parts_tool.setting(bad)
 
@@ -176,30 +176,107 @@ def test_setting_run_prints_each_variant_against_both_steps():
     result = run_tool('benchmarks/train_step_parts.py', '--threads', '1',
                       '--size', '64x64', '--repeats', '1', '--amp', 'bf16',
                       '--setting',
-                      'mmvit3.ops.ttt_fast.CPU_CHUNK_ELEMENTS=100')
+                      'mmvit3.ops.ttt.chunked.CPU_CHUNK_ELEMENTS=100')
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'training step, batch 2, 64x64, bf16,' in result.stdout
     rows = table_rows(result.stdout)
     assert [row[0] for row in rows] == [
-        'as it is', 'mmvit3.ops.ttt_fast.CPU_CHUNK_ELEMENTS=100', 'Swin-T']
+        'as it is', 'mmvit3.ops.ttt.chunked.CPU_CHUNK_ELEMENTS=100', 'Swin-T']
     assert rows[0][2] == '1.000' and float(rows[1][2]) > 0
     assert rows[2][1].isdigit() and rows[2][2:] == ['', '']
     assert 'without' not in result.stdout  # the parts are not timed
 
 
-def test_half_conv_grads_times_each_convolution_in_each_dtype(capsys):
-    """benchmarks/half_conv_grads.py: a row per convolution and dtype, each
-    time against float32's on aten's kernels."""
-    half_conv_grads = load_tool('half_conv_grads', folder='benchmarks')
-    half_conv_grads.main(['--size', '32', '--batch', '1', '--repeats', '1'])
+def test_kernel_counts_on_a_cpu_count_operations(capsys):
+    """benchmarks/kernel_counts.py at a tiny size: both backbones' forward
+    and backward operations; no kernels without a GPU."""
+    counts_tool = load_tool('kernel_counts', folder='benchmarks')
+    # 96x128: the backbone input of the detector_step test below, so that
+    # the CPU inner step's compiled chains are reused there
+    results = counts_tool.main(['--device', 'cpu', '--size', '96x128',
+                                '--top', '3'])
+    assert list(results) == ['hvit3-t', 'swin-t']
+    for counts in results.values():
+        for phase in ('forward', 'backward'):
+            operations = sum(counts[phase]['operations'].values())
+            assert 0 <= counts[phase]['views'] < operations
+            assert 'kernels' not in counts[phase]
     rows = table_rows(capsys.readouterr().out)
-    names = [spec[0] for spec in half_conv_grads.convolutions(32)]
-    assert [row[:2] for row in rows] == [[name, dtype] for name in names
-                                         for dtype in ('float32', 'bf16',
-                                                       'fp16')]
+    assert [row[0] for row in rows] == ['hvit3-t', 'swin-t']
     for row in rows:
-        cells = [re.fullmatch(r'(\d+\.\d) \((\d+\.\d\d)\)', cell)
-                 for cell in row[2:]]
-        assert all(cells), row
-        if row[1] == 'float32':  # its own baseline on aten's kernels
-            assert [cell[2] for cell in cells[:3]] == ['1.00'] * 3
+        assert all(cell.isdigit() for cell in row[1:5])
+        assert row[5:] == ['n/a'] * 4
+
+
+@pytest.mark.slow
+def test_detector_step_times_both_detectors_on_a_cpu(tmp_path,
+                                                     monkeypatch):
+    """benchmarks/detector_step.py at a tiny size in float32, with
+    torchvision's RoIAlign and NMS in mmcv's place (as on a GPU with
+    mmcv's CPU ops only)."""
+    import importlib
+    step_tool = load_tool('detector_step', folder='benchmarks')
+    for name in ('mmcv.ops.nms', 'mmcv.ops.roi_align'):
+        module = importlib.import_module(name)  # restored after the test
+        monkeypatch.setattr(module, 'ext_module', module.ext_module)
+    out = tmp_path / 'detector.json'
+    results = step_tool.main(['--size', '128x96', '--no-amp', '--repeats',
+                              '1', '--warmup', '1', '--device', 'cpu',
+                              '--ops', 'torchvision', '--out-json',
+                              str(out)])
+    assert list(results) == ['hvit3-t', 'swin-t']
+    assert all(result['ms'] > 0 for result in results.values())
+    saved = json.loads(out.read_text())
+    assert saved['ops'] == 'torchvision' and saved['args']['amp'] is None
+
+
+def gpu_check_commands(out_dir) -> dict:
+    """{step: argv} that tools/gpu_check.sh would run (its dry run)."""
+    import shlex
+    import subprocess
+
+    from mmvit3.testing import REPO
+    result = subprocess.run(
+        ['bash', 'tools/gpu_check.sh', str(out_dir)], cwd=REPO,
+        env=dict(os.environ, GPU_CHECK_DRY_RUN='1'), capture_output=True,
+        text=True, check=True)
+    return {step: shlex.split(command) for step, _, command in (
+        line.partition(': ') for line in result.stdout.splitlines())}
+
+
+def test_gpu_check_is_valid_bash_and_its_tools_take_its_flags(
+        tmp_path, monkeypatch):
+    """Without a GPU: the script parses, and each Python entry point it
+    calls accepts the flags it passes."""
+    import subprocess
+    import sys
+
+    from mmvit3.testing import REPO
+    subprocess.run(['bash', '-n', 'tools/gpu_check.sh'], cwd=REPO,
+                   check=True)
+    commands = gpu_check_commands(tmp_path)
+    assert list(commands) == [
+        'cuda-tests', 'kernel-counts', 'ttt-kernels', 'bench-eager',
+        'detector', 'kernel-counts-amp', 'bench-graphs', 'compile-tests']
+    for step, (python, *argv) in commands.items():
+        if argv[:2] == ['-m', 'pytest']:
+            files = [arg for arg in argv if arg.startswith('tests/')]
+            assert files and all(osp.exists(osp.join(REPO, f))
+                                 for f in files), step
+            continue
+        folder, script = osp.split(argv[0])
+        tool = load_tool(script[:-3], folder=folder)
+        monkeypatch.setattr(sys, 'argv', argv)
+        tool.parse_args()  # exits on an unknown flag or a bad value
+
+
+def test_gpu_check_selects_only_gpu_tests(tmp_path):
+    """Its CUDA tests, run here without a GPU, skip every test they select
+    as needing one: the selection (by name) holds GPU tests only."""
+    _, *argv = gpu_check_commands(tmp_path)['cuda-tests']
+    result = run_tool(*argv)
+    assert result.returncode == 0, result.stdout[-3000:]
+    skipped = re.findall(r'^SKIPPED \[(\d+)\] .*: needs a GPU$',
+                         result.stdout, re.M)
+    assert ' PASSED' not in result.stdout
+    assert sum(map(int, skipped)) >= 30
