@@ -21,8 +21,10 @@ import sys
 import pytest
 import torch
 
-from mmvit3.testing import (compile_for_h100, record_launches, relative_error,
-                            requires_cuda, run_interpreted, saved_bytes)
+from mmvit3.testing import (GRADCHECK_TOLERANCE, compile_for_h100,
+                            directional_grad_error, record_launches,
+                            relative_error, requires_cuda, run_interpreted,
+                            saved_bytes)
 
 SCALE = 1 / 3
 INNER_STD = 0.3
@@ -116,14 +118,13 @@ def errors_against_oracle(fn, batch, heads, height, width, dtype,
 # ------------------------------------------------- the interpreted child
 
 
-def _gradcheck(fused) -> bool:
+def _gradcheck(fused) -> float:
     """Backward is the derivative of forward (finite differences)."""
     heads, height, width = 2, 2, 3
     qkv, *weights, _ = make_inputs(1, heads, height, width, torch.float64)
-    inputs = [t.requires_grad_() for t in (qkv, *weights)]
-    return torch.autograd.gradcheck(
+    return directional_grad_error(
         lambda *args: fused.fused_ttt(*args, heads, height, width, SCALE),
-        inputs, eps=1e-6, atol=1e-5, fast_mode=True)
+        (qkv, *weights))
 
 
 def _opcheck(fused) -> dict:
@@ -189,7 +190,7 @@ def test_interpreted_kernels_match_naive(interpreted, name):
 
 
 def test_interpreted_gradcheck(interpreted):
-    assert interpreted['gradcheck'] is True
+    assert interpreted['gradcheck'] <= GRADCHECK_TOLERANCE
 
 
 def test_interpreted_opcheck(interpreted):
