@@ -6,6 +6,7 @@ PYTEST_ARGS ?=
 # pytest-xdist workers; a test file's tests stay on one worker (its
 # module fixtures are built once).
 TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: setup test test-fast demo clean
 
@@ -21,11 +22,11 @@ export OMP_WAIT_POLICY ?= PASSIVE
 
 # The whole suite, end-to-end tool runs included.
 test: setup
-	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
 
 # Unit tests only (skips the end-to-end tool runs marked slow).
 test-fast: setup
-	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
+	$(PYTEST) -m "not slow" $(PYTEST_ARGS)
 
 demo: setup
 	bash tools/demo.sh $(PY)

@@ -164,10 +164,8 @@ def autocast_errors(kernels, dtype=torch.bfloat16) -> dict:
 def _gradcheck(kernels) -> dict:
     """Backward is the derivative of forward (finite differences)."""
     height, width = 2, 3
-    mlp = [t.requires_grad_()
-           for t in mlp_inputs(1, 2, height, width, torch.float64)[:-1]]
-    cpe = [t.requires_grad_()
-           for t in cpe_inputs(2, 3, height, width, torch.float64)[:-1]]
+    mlp = mlp_inputs(1, 2, height, width, torch.float64)[:-1]
+    cpe = cpe_inputs(2, 3, height, width, torch.float64)[:-1]
     return {name: directional_grad_error(
         lambda *args: fn(*args, height, width), inputs)
         for name, fn, inputs in (('mlp', kernels.triton_mlp, mlp),
